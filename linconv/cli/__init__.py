@@ -1,0 +1,32 @@
+"""The ``linconv`` command line: one Typer file per command, each thin (options -> library -> report)."""
+
+from __future__ import annotations
+
+import typer
+
+import linconv
+
+app = typer.Typer(
+    name="linconv",
+    help="Turn a Hugging Face causal LM into a linear-attention model and measure what was gained.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"linconv {linconv.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """linconv: convert, fine-tune, benchmark and generate with linearized models."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,40 @@
+"""Causal depthwise convolution along time on the value stream (the paper's masked DWConv).
+
+One kernel per head, shared across the head dimension: ``y_t = Σ_{j<K} w[h, j] · v_{t−j}``, tap 0
+being the current token. Storing only the K causal taps is the paper's 2K−1-tap kernel with its
+future half masked to zero, applied without ever reading a future position.
+
+Layout: v [B, H, T, D]; weight [H, K]; tail [B, H, K−1, D], the last K−1 values before the segment
+(zeros before the first token). The same function is the sequence form and, with T = 1, the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def empty_conv_tail(v: Tensor, kernel_size: int) -> Tensor:
+    """Zero tail for v [B, H, *, D]: the conv reads zeros before the first token."""
+    B, H, D = v.shape[0], v.shape[1], v.shape[-1]
+    return v.new_zeros(B, H, kernel_size - 1, D, dtype=torch.float32)
+
+
+def causal_dwconv(v: Tensor, weight: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Returns the convolved values [B, H, T, D] (v's dtype) and the new tail (fp32)."""
+    B, H, T, D = v.shape
+    K = weight.shape[-1]
+    if tail is None:
+        tail = empty_conv_tail(v, K)
+    x = torch.cat([tail, v.float()], 2)  # [B, H, K-1+T, D]
+    channels = x.permute(0, 1, 3, 2).reshape(B, H * D, K - 1 + T)
+    kernel = weight.float().flip(-1).repeat_interleave(D, 0).unsqueeze(1)  # [H*D, 1, K]
+    y = F.conv1d(channels, kernel, groups=H * D).view(B, H, D, T).permute(0, 1, 3, 2)
+    return y.to(v.dtype), x[:, :, x.shape[2] - (K - 1) :]
+
+
+def advance_conv(tail: Tensor, v: Tensor) -> Tensor:
+    """The tail after also seeing ``v`` [B, H, T, D] (no outputs)."""
+    x = torch.cat([tail, v.float()], 2)
+    return x[:, :, x.shape[2] - tail.shape[2] :]

@@ -1,0 +1,106 @@
+"""Slow, obviously-correct forms of every op, written straight from the formulas. Tests only.
+
+Each is a plain fp32 loop or a full quadratic mask, shares no code with the fast
+forms beyond the score function, and takes the same explicit states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from linconv.ops.linear import EPS, LinearState
+from linconv.ops.local import FeatureMap, GroupState, local_weights
+
+
+def linear_quadratic(q: Tensor, k: Tensor, v: Tensor, state: LinearState, normalize: bool) -> Tensor:
+    """(φ(Q) φ(K)ᵀ ⊙ M_causal) V plus the prefix held in ``state``."""
+    q, k, v = q.float(), k.float(), v.float()
+    T = q.shape[2]
+    A = (q @ k.transpose(-1, -2)) * torch.ones(T, T).tril()
+    out = A @ v + q @ state.S
+    if normalize:
+        out = out / (A.sum(-1, keepdim=True) + q @ state.z.unsqueeze(-1) + EPS)
+    return out
+
+
+def linear_loop(q: Tensor, k: Tensor, v: Tensor, state: LinearState, normalize: bool) -> tuple[Tensor, LinearState]:
+    """One token at a time: S += k vᵀ, z += k, o = qᵀS / qᵀz."""
+    S, z = state.S.clone(), None if state.z is None else state.z.clone()
+    outs = []
+    for t in range(q.shape[2]):
+        qt, kt, vt = q[:, :, t].float(), k[:, :, t].float(), v[:, :, t].float()
+        S = S + torch.einsum("bhk,bhv->bhkv", kt, vt)
+        o = torch.einsum("bhk,bhkv->bhv", qt, S)
+        if normalize:
+            z = z + kt
+            o = o / (torch.einsum("bhk,bhk->bh", qt, z).unsqueeze(-1) + EPS)
+        outs.append(o)
+    return torch.stack(outs, 2), LinearState(S, z)
+
+
+def grouped_loop(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: GroupState,
+    *,
+    group_size: int,
+    score: str,
+    phi: FeatureMap | None,
+    alpha: float | Tensor = 1.0,
+) -> tuple[Tensor, GroupState]:
+    """Per query: local keys of its group (buffer included), global keys of earlier groups."""
+    G = group_size
+    keys = torch.cat([state.k_buf, k.float()], 2)
+    vals = torch.cat([state.v_buf, v.float()], 2)
+    b = state.k_buf.shape[2]
+    outs = []
+    for t in range(q.shape[2]):
+        p = b + t  # position relative to the start of the buffered group
+        start = p // G * G
+        qt = q[:, :, t : t + 1].float()
+        w, m = local_weights(qt @ keys[:, :, start : p + 1].transpose(-1, -2), torch.ones(1, dtype=torch.bool), score)
+        num, den = w @ vals[:, :, start : p + 1], w.sum(-1, keepdim=True)
+        if phi is not None:
+            S = state.S + phi(keys[:, :, :start]).transpose(-1, -2) @ vals[:, :, :start]
+            z = state.z + phi(keys[:, :, :start]).sum(2)
+            scale = alpha * torch.exp(-m)
+            num = num + scale * (phi(qt) @ S)
+            den = den + scale * (phi(qt) @ z.unsqueeze(-1))
+        outs.append((num / (den + EPS))[:, :, 0])
+    L = keys.shape[2]
+    done = L // G * G
+    S, z = state.S, state.z
+    if phi is not None and done:
+        S = S + phi(keys[:, :, :done]).transpose(-1, -2) @ vals[:, :, :done]
+        z = z + phi(keys[:, :, :done]).sum(2)
+    return torch.stack(outs, 2), GroupState(S, z, keys[:, :, done:], vals[:, :, done:])
+
+
+def conv_loop(v: Tensor, weight: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """y_t = Σ_j w[h, j] v_{t−j}, reading the tail before the first token."""
+    K = weight.shape[-1]
+    x = torch.cat([tail, v.float()], 2)
+    T = v.shape[2]
+    y = torch.zeros_like(v, dtype=torch.float32)
+    for t in range(T):
+        for j in range(K):
+            y[:, :, t] += weight[:, j].float().view(1, -1, 1) * x[:, :, K - 1 + t - j]
+    return y, x[:, :, x.shape[2] - (K - 1) :]
+
+
+def tree_paths(parents: Sequence[int]) -> list[list[int]]:
+    """Root-to-node path (node indices) of every node."""
+    paths: list[list[int]] = []
+    for p in parents:
+        paths.append((paths[p] if p >= 0 else []) + [len(paths)])
+    return paths
+
+
+def replay_tree(parents: Sequence[int], run_path) -> Tensor:
+    """Per-path sequential replay: ``run_path(path)`` decodes the path from the committed state and
+    returns outputs [B, H, len(path), D]; each node takes the output at its own (last) position."""
+    return torch.stack([run_path(path)[:, :, -1] for path in tree_paths(parents)], 2)

@@ -1,0 +1,125 @@
+"""Tree forms: every node of a candidate tree as if its root-to-node path had been decoded alone.
+
+A tree of N nodes is given by ``parents`` (length N, parent index or −1 for a child of the
+committed prefix, parents before children). Node n sits at depth d_n ≥ 1, i.e. at position
+p0 + d_n − 1 where p0 tokens are committed. q, k, v are [B, H, N, D]; states are those of the
+sequence forms and are not changed: advancing along the accepted path is the caller's
+``advance_*`` on the accepted nodes' keys/values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from linconv.ops.linear import EPS, LinearState
+from linconv.ops.local import FeatureMap, GroupState, local_weights
+
+
+def tree_depths(parents: Sequence[int]) -> list[int]:
+    """Depth of each node, 1 for children of the committed prefix."""
+    depth: list[int] = []
+    for n, p in enumerate(parents):
+        if not -1 <= p < n:
+            raise ValueError(f"tree node {n} has parent {p}: parents must come before their children")
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return depth
+
+
+def ancestor_mask(parents: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """[N, N] bool: entry (n, a) is True when a is n or one of its ancestors."""
+    N = len(parents)
+    tree_depths(parents)  # validates
+    mask = torch.eye(N, dtype=torch.bool)
+    for n, p in enumerate(parents):
+        if p >= 0:
+            mask[n] |= mask[p]
+    return mask.to(device)
+
+
+def linear_tree(q: Tensor, k: Tensor, v: Tensor, parents: Sequence[int], state: LinearState) -> Tensor:
+    """Kernelized linear attention over a tree: prefix from the state, tree part masked by ancestry.
+
+    q, k are feature-mapped as in ``linear_attention``. Returns [B, H, N, Dv] in v's dtype.
+    """
+    qf, kf, vf = q.float(), k.float(), v.float()
+    scores = (qf @ kf.transpose(-1, -2)).masked_fill(~ancestor_mask(parents, q.device), 0.0)
+    out = scores @ vf + qf @ state.S
+    if state.z is not None:
+        den = scores.sum(-1) + (qf * state.z.unsqueeze(2)).sum(-1)
+        out = out / (den.unsqueeze(-1) + EPS)
+    return out.to(v.dtype)
+
+
+def grouped_tree(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    parents: Sequence[int],
+    state: GroupState,
+    *,
+    group_size: int,
+    score: str,
+    phi: FeatureMap | None = None,
+    alpha: Tensor | float = 1.0,
+) -> Tensor:
+    """Grouped attention over a tree, exact when paths cross a group boundary.
+
+    Keys are the buffered keys of the current group followed by the tree nodes. A visible key
+    (buffer, or an ancestor-or-self) in the query node's group is scored locally; one in an earlier
+    group joins the global linear part on top of the state. Returns [B, H, N, Dv] in v's dtype.
+    """
+    G = group_size
+    b = state.k_buf.shape[2]
+    N = q.shape[2]
+    dev = q.device
+    depth = torch.tensor(tree_depths(parents), device=dev)
+    node_group = (b + depth - 1) // G  # group of each node, relative to the current one
+    key_group = torch.cat([torch.zeros(b, dtype=torch.long, device=dev), node_group])
+    visible = torch.cat([torch.ones(N, b, dtype=torch.bool, device=dev), ancestor_mask(parents, dev)], 1)
+    same = key_group.unsqueeze(0) == node_group.unsqueeze(1)  # [N, b+N]
+    local_mask, global_mask = visible & same, visible & ~same
+
+    qf32 = q.float()
+    keys = torch.cat([state.k_buf, k.float()], 2)
+    vals = torch.cat([state.v_buf, v.float()], 2)
+    w, m = local_weights(qf32 @ keys.transpose(-1, -2), local_mask, score)
+    num = w @ vals
+    den = w.sum(-1, keepdim=True)
+    if phi is not None:
+        qphi, kphi = phi(qf32), phi(keys)
+        g = (qphi @ kphi.transpose(-1, -2)).masked_fill(~global_mask, 0.0)
+        scale = alpha * torch.exp(-m)
+        num = num + scale * (g @ vals + qphi @ state.S)
+        den = den + scale * (g.sum(-1, keepdim=True) + (qphi * state.z.unsqueeze(2)).sum(-1, keepdim=True))
+    return (num / (den + EPS)).to(v.dtype)
+
+
+def unfold_conv_kernel(weight: Tensor, parents: Sequence[int]) -> Tensor:
+    """The DWConv kernel unfolded over a tree (img2col-style): [H, N, K−1+N].
+
+    Row n holds the K taps of node n placed on its own column, its ancestors' columns (nearest
+    first) and, past the root, the newest committed values of the tail (the first K−1 columns).
+    """
+    H, K = weight.shape
+    N = len(parents)
+    tree_depths(parents)  # validates
+    cols = []
+    for n in range(N):
+        path, a = [], n
+        while a >= 0 and len(path) < K:
+            path.append(K - 1 + a)
+            a = parents[a]
+        path += [K - 2 - j for j in range(K - len(path))]  # tail: newest at column K-2
+        cols.append(path)
+    index = torch.tensor(cols, device=weight.device)  # [N, K]
+    unfolded = weight.new_zeros(H, N, K - 1 + N)
+    return unfolded.scatter_add(2, index.unsqueeze(0).expand(H, N, K), weight.unsqueeze(1).expand(H, N, K))
+
+
+def conv_tree(v: Tensor, weight: Tensor, parents: Sequence[int], tail: Tensor) -> Tensor:
+    """Causal DWConv of every tree node along its root-to-node path: [B, H, N, D] in v's dtype."""
+    x = torch.cat([tail, v.float()], 2)  # [B, H, K-1+N, D]
+    return (unfold_conv_kernel(weight.float(), parents) @ x).to(v.dtype)
