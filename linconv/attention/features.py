@@ -55,7 +55,7 @@ class Performer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float() * x.shape[-1] ** -0.25
-        W = self.projection.view(self.projection.shape[0], *([1] * (x.dim() - 3)), *self.projection.shape[1:])
+        W = self.projection.view(self.projection.shape[0], *([1] * (x.dim() - 4)), *self.projection.shape[1:])
         proj = x @ W.transpose(-1, -2)  # [B, H, ..., F]
         exponent = (proj - x.square().sum(-1, keepdim=True) / 2).clamp(max=30.0)
         return torch.exp(exponent) / math.sqrt(W.shape[-2])
@@ -72,7 +72,7 @@ class Hedgehog(nn.Module):
         self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, D, D]
 
     def forward(self, x: Tensor) -> Tensor:
-        W = self.weight.view(self.weight.shape[0], *([1] * (x.dim() - 3)), *self.weight.shape[1:])
+        W = self.weight.view(self.weight.shape[0], *([1] * (x.dim() - 4)), *self.weight.shape[1:])
         h = x.float() @ W.float()
         return torch.cat([torch.softmax(h, -1), torch.softmax(-h, -1)], -1)
 

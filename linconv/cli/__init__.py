@@ -28,5 +28,10 @@ def _root(
     """linconv: convert, fine-tune, benchmark and generate with linearized models."""
 
 
+from linconv.cli.convert import convert_command  # noqa: E402
+
+app.command("convert")(convert_command)
+
+
 def main() -> None:
     app()

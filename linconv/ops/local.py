@@ -45,7 +45,7 @@ class GroupState(NamedTuple):
 def empty_group_state(q: Tensor, v: Tensor, phi: FeatureMap | None) -> GroupState:
     """The state before any token, for q [B, H, *, Dk] and v [B, H, *, Dv]."""
     B, H, Dk, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
-    F = phi(q.new_zeros(1, Dk, dtype=torch.float32)).shape[-1] if phi is not None else 0
+    F = phi(q[:, :, :0].float()).shape[-1] if phi is not None else 0
     zeros = lambda *s: q.new_zeros(*s, dtype=torch.float32)  # noqa: E731
     return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, H, 0, Dk), zeros(B, H, 0, Dv))
 

@@ -1,0 +1,64 @@
+"""The options of a linearized model; saved as the ``linconv`` section of config.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from linconv.attention.variants import DEFAULT_VARIANT, get_variant
+from linconv.errors import LinconvError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LinearizeConfig:
+    """How softmax attention is replaced. ``conv_kernel=None`` takes the variant's default."""
+
+    attention: str = DEFAULT_VARIANT
+    group_size: int = 64
+    conv_kernel: int | None = None
+    keep_softmax_layers: list[int] = field(default_factory=list)
+    chunk_size: int = 64
+    linformer_rank: int = 128
+    linformer_max_len: int = 8192
+    allow_noncausal: bool = False
+    seed: int = 0
+    source: str | None = None  # the model this was converted from (the default baseline of bench)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def kernel(self) -> int:
+        """DWConv taps actually used (0: no conv)."""
+        return get_variant(self.attention).default_conv if self.conv_kernel is None else self.conv_kernel
+
+    def validate(self, num_layers: int | None = None) -> LinearizeConfig:
+        """Raise LinconvError for options that cannot work; return self."""
+        try:
+            variant = get_variant(self.attention)
+        except ValueError as e:
+            raise LinconvError(str(e)) from None
+        for name in ("group_size", "chunk_size", "linformer_rank", "linformer_max_len"):
+            if getattr(self, name) <= 0:
+                raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.conv_kernel is not None and self.conv_kernel < 0:
+            raise LinconvError(f"--conv-kernel must be >= 0 (0 disables the convolution), got {self.conv_kernel}")
+        if not variant.causal and not self.allow_noncausal:
+            raise LinconvError(
+                f"variant {variant.name!r} is not causal (it leaks future tokens and cannot decode); "
+                "pass --allow-noncausal to build it anyway"
+            )
+        if num_layers is not None:
+            bad = [i for i in self.keep_softmax_layers if not 0 <= i < num_layers]
+            if bad:
+                raise LinconvError(f"--keep-softmax-layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+        if self.format_version > FORMAT_VERSION:
+            raise LinconvError(f"checkpoint format {self.format_version} is newer than this linconv ({FORMAT_VERSION}); upgrade linconv")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearizeConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,65 @@
+"""Conversion: a Hugging Face causal LM in, the same model with linear attention out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from linconv.attention.module import LinconvAttention
+from linconv.config import LinearizeConfig
+from linconv.models import ADAPTERS, get_adapter
+from linconv.models.hf import build_linconv_model, linconv_tensor_names
+
+
+@dataclass
+class ConversionSummary:
+    architecture: str
+    variant: str
+    layers: int
+    converted: list[int]
+    kept: list[int]
+    params_added: int
+    conv_kernel: int
+    group_size: int
+
+
+def convert(
+    model_or_path: nn.Module | str | Path | None = None,
+    config: LinearizeConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Return a linconv model with ``model_or_path``'s weights and ``config``'s attention.
+
+    ``model_or_path``: a loaded transformers causal LM, a local folder, a hub id, a .gguf file, or
+    None for the default model. The new attention's own parameters get a seeded, deterministic init.
+    """
+    from linconv.sources import load_source
+
+    config = config or LinearizeConfig()
+    if not isinstance(model_or_path, nn.Module):
+        model_or_path, _ = load_source(model_or_path, ADAPTERS, dtype=dtype or torch.float32, device=device)
+    get_adapter(model_or_path.config.model_type)
+    return build_linconv_model(model_or_path, config)
+
+
+def summarize(model: nn.Module) -> ConversionSummary:
+    """What a conversion did, for the report."""
+    cfg = LinearizeConfig.from_dict(model.config.linconv)
+    blocks = get_adapter(model.config.model_type).blocks(model)
+    converted = [i for i, b in enumerate(blocks) if any(isinstance(m, LinconvAttention) for m in b.children())]
+    params = dict(model.named_parameters())
+    return ConversionSummary(
+        architecture=model.config.model_type.removeprefix("linconv-"),
+        variant=cfg.attention,
+        layers=len(blocks),
+        converted=converted,
+        kept=[i for i in range(len(blocks)) if i not in converted],
+        params_added=sum(params[n].numel() for n in linconv_tensor_names(model) if n in params),
+        conv_kernel=cfg.kernel,
+        group_size=cfg.group_size,
+    )

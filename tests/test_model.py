@@ -1,0 +1,148 @@
+"""Converted models: recurrent == parallel logits, causality, generate, checkpoints round trip."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_ARCHS, tiny_config
+from transformers import AutoModelForCausalLM
+
+import linconv
+from linconv.attention.module import LinconvAttention
+from linconv.attention.variants import VARIANTS
+from linconv.bench.leakage import leakage_check
+from linconv.checkpoint import save_checkpoint
+from linconv.errors import LinconvError
+from linconv.models import get_adapter
+from linconv.models.hf import linconv_tensor_names
+
+CAUSAL = [n for n, v in VARIANTS.items() if v.causal]
+
+
+def tiny_base(arch, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, eos_token_id=None)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def converted(arch, variant="augmented", **options):
+    """A converted tiny model whose new parameters are perturbed away from their (often zero) init."""
+    options = {"group_size": 4, "conv_kernel": 3, **options}
+    model = linconv.convert(tiny_base(arch), linconv.LinearizeConfig(attention=variant, allow_noncausal=True, **options))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name in linconv_tensor_names(model):
+            if name in params:
+                params[name].add_(0.2 * torch.randn(params[name].shape, generator=g))
+    return model
+
+
+def decode_logits(model, ids, prefill):
+    """Prefill ``prefill`` tokens, then feed the rest one at a time through a LinconvCache."""
+    cache = model.new_cache()
+    out = [model(ids[:, :prefill], cache=cache).logits]
+    for t in range(prefill, ids.shape[1]):
+        out.append(model(ids[:, t : t + 1], cache=cache).logits)
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("variant", CAUSAL)
+@torch.inference_mode()
+def test_recurrent_decode_equals_parallel_forward(arch, variant):
+    model = converted(arch, variant)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    full = model(ids, use_cache=False).logits
+    step, cache = decode_logits(model, ids, prefill=5)
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == 13
+
+
+@torch.inference_mode()
+def test_state_size_does_not_grow_with_context():
+    model = converted("llama")
+    sizes = []
+    for n in (8, 40):
+        _, cache = decode_logits(model, torch.randint(0, 90, (1, n)), prefill=n - 3)
+        sizes.append(cache.nbytes())
+    # group buffer may differ by < G tokens; nothing grows with n
+    assert sizes[1] <= sizes[0] + 4 * 2 * 4 * 8 * 4
+
+
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_every_causal_variant_passes_the_leakage_check(variant):
+    assert not leakage_check(converted("llama", variant), seq_len=24).leaks
+
+
+def test_linformer_is_flagged_as_leaking():
+    model = converted("llama", "linformer", linformer_rank=8, linformer_max_len=64)
+    assert leakage_check(model, seq_len=24).leaks
+
+
+def test_convert_refuses_noncausal_without_permission():
+    with pytest.raises(LinconvError, match="not causal"):
+        linconv.convert(tiny_base("llama"), linconv.LinearizeConfig(attention="linformer"))
+
+
+@torch.inference_mode()
+def test_generate_matches_greedy_loop():
+    model = converted("qwen2")
+    ids = torch.randint(4, 90, (1, 6))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    seq = ids
+    for _ in range(8):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_kept_softmax_layers_are_untouched():
+    base = tiny_base("llama")
+    original = base.model.layers[1].self_attn
+    model = linconv.convert(base, linconv.LinearizeConfig(keep_softmax_layers=[1]))
+    blocks = get_adapter("llama").blocks(model)
+    assert isinstance(blocks[0].self_attn, LinconvAttention)
+    kept = blocks[1].self_attn
+    assert type(kept) is type(original)
+    for (n, a), (_, b) in zip(kept.named_parameters(), original.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@torch.inference_mode()
+def test_checkpoint_round_trip_is_bit_identical(arch, tmp_path):
+    model = converted(arch, "hedgehog" if arch == "gpt2" else "augmented", keep_softmax_layers=[0])
+    save_checkpoint(model, None, tmp_path / "ckpt", card={"test": True})
+    loaded, _ = linconv.load(tmp_path / "ckpt")
+    ids = torch.randint(0, 90, (2, 11))
+    assert torch.equal(model(ids, use_cache=False).logits, loaded(ids, use_cache=False).logits)
+    assert type(loaded) is type(model)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(model(ids, use_cache=False).logits, reloaded(ids, use_cache=False).logits)
+    assert not list(tmp_path.glob(".ckpt*")), "temporary folders left behind"
+
+
+def test_plain_transformers_refuses_a_linconv_checkpoint(tmp_path):
+    save_checkpoint(converted("llama"), None, tmp_path / "ckpt", card={})
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0 and "linconv-llama" in run.stderr
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    model = converted("llama")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, None, tmp_path / "out", card={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_conversion_is_deterministic():
+    a, b = (linconv.convert(tiny_base("llama"), linconv.LinearizeConfig(attention="performer")) for _ in range(2))
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
