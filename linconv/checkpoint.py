@@ -9,6 +9,7 @@ complete, so a crash or Ctrl-C never leaves a folder that looks finished.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ def atomic_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]
         raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
     try:
         yield tmp
         if output.exists():

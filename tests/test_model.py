@@ -146,3 +146,8 @@ def test_conversion_is_deterministic():
     a, b = (linconv.convert(tiny_base("llama"), linconv.LinearizeConfig(attention="performer")) for _ in range(2))
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+def test_tied_embeddings_stay_tied():
+    model = linconv.convert(AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True)))
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, BertConfig
 
 from conftest import TINY_ARCHS
@@ -114,10 +113,9 @@ def test_not_a_model_file(tmp_path):
     assert "neither a model folder nor a .gguf file" in _one_line(err)
 
 
-def test_hub_id_offline(monkeypatch, tmp_path):
+def test_hub_id_offline(monkeypatch):
+    # huggingface_hub reads the variable at import; load_source re-reads it, so no download is tried.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(LinconvError) as err:
         load_source("linconv-test-org/definitely-not-a-model", SUPPORTED)
     msg = _one_line(err)

@@ -123,5 +123,6 @@ def build_linconv_model(base: nn.Module, cfg: LinearizeConfig) -> nn.Module:
         model = model_cls(config).to(ref.dtype)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and set(missing) <= set(linconv_tensor_names(model)), (missing, unexpected)
+    model.tie_weights()  # no_init_weights also skipped tying
     model.generation_config = base.generation_config
     return model.eval()

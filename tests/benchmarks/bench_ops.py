@@ -4,12 +4,14 @@ Measures, at the default model's head shape (B=1, H=9, D=64):
 
 1. Full-sequence forward at each T: chunked ``linear_attention`` (φ = elu+1 on q and k, included
    in the timing), ``grouped_attention`` (unit q/k, G=64, relu² local score, φ = relu) and
-   ``scaled_dot_product_attention(is_causal=True)``: median wall time after a warm-up, and peak
+   ``scaled_dot_product_attention(is_causal=True)``: median (and min) wall time after a warm-up,
+   repeats interleaved across the ops so background load hits them alike, and the peak
    memory of one call. On CPU the peak is the RSS high-water increase of one call in a fresh
    ``spawn`` child per (op, T), so earlier allocations do not pollute it; on CUDA it is
    ``torch.cuda.max_memory_allocated`` above the inputs.
 2. Per-token decoding: ``linear_attention_step`` and ``grouped_attention`` with T=1, continuing from
-   states built from 1K and 16K tokens; median over ``--steps`` steps (it should not depend on T).
+   states built from 1K and 16K tokens (φ/normalisation applied beforehand, not timed); median
+   over ``--steps`` steps, alternating the two contexts (it should not depend on the context).
 
 Prints rich tables, then one JSON object with every figure as the last line. Run:
 
@@ -36,6 +38,7 @@ from linconv.ops import grouped_attention, linear_attention, linear_attention_st
 B, H, D, GROUP = 1, 9, 64, 64
 OPS = ("chunked", "grouped", "sdpa")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GROUPED = {"group_size": GROUP, "score": "relu2", "phi": torch.relu}
 
 
 def phi(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +56,7 @@ def make_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk:
         return lambda: linear_attention(phi(q), phi(k), v, chunk_size=chunk)
     if name == "grouped":
         qu, ku = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        return lambda: grouped_attention(qu, ku, v, group_size=GROUP, score="relu2", phi=torch.relu)
+        return lambda: grouped_attention(qu, ku, v, **GROUPED)
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
@@ -62,17 +65,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
+def timed(fn, device: str):
+    """(milliseconds, result) of one call of ``fn``."""
     sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def forward_ms(T: int, args) -> dict[str, dict]:
+    """Median/min ms per op at length T, repeats interleaved across the ops."""
+    fns = {op: make_op(op, *inputs(T, args.device, DTYPES[args.dtype]), args.chunk_size) for op in OPS}
+    # SDPA is quadratic: fewer repeats at long T keep the CPU run short
+    reps = {op: args.repeats if op != "sdpa" or T < 8192 else min(args.repeats, 2) for op in OPS}
+    times: dict[str, list[float]] = {op: [] for op in OPS}
+    for fn in fns.values():
+        fn()  # warm-up
+    for r in range(args.repeats):
+        for op, fn in fns.items():
+            if r < reps[op]:
+                times[op].append(timed(fn, args.device)[0])
+    return {op: {"ms": statistics.median(t), "min_ms": min(t), "repeats": len(t)} for op, t in times.items()}
 
 
 def status_kb(field: str) -> int:
@@ -105,35 +119,32 @@ def peak_mb(name: str, T: int, args) -> float:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            out = op()
-            torch.cuda.synchronize()
-            del out
+            timed(op, "cuda")
             return (torch.cuda.max_memory_allocated() - base) / 2**20
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(cpu_peak_child, (name, T, args.dtype, args.chunk_size))
 
 
-def step_ms(name: str, context: int, args) -> float:
-    """Median time of one decoding step, continuing from a state built from ``context`` tokens."""
-    dt = DTYPES[args.dtype]
-    q, k, v = inputs(context + args.steps, args.device, dt)
-    if name == "chunked":
-        q, k = phi(q), phi(k)
-        _, state = linear_attention(q[:, :, :context], k[:, :, :context], v[:, :, :context], chunk_size=args.chunk_size)
-        step = lambda s, t: linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], s)  # noqa: E731
-    else:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        kw = dict(group_size=GROUP, score="relu2", phi=torch.relu)
-        _, state = grouped_attention(q[:, :, :context], k[:, :, :context], v[:, :, :context], **kw)
-        step = lambda s, t: grouped_attention(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], s, **kw)  # noqa: E731
-    times = []
-    for t in range(context, context + args.steps):
-        sync(args.device)
-        t0 = time.perf_counter()
-        _, state = step(state, t)
-        sync(args.device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[10:]) * 1e3  # the first few steps warm up
+def step_ms(name: str, contexts: list[int], args) -> dict[str, float]:
+    """Median ms of one T=1 step continuing from a state built from each context length."""
+    runs = {}
+    for ctx in contexts:
+        q, k, v = inputs(ctx + args.steps, args.device, DTYPES[args.dtype], seed=ctx)
+        if name == "chunked":
+            q, k = phi(q), phi(k)
+            _, state = linear_attention(q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], chunk_size=args.chunk_size)
+        else:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            _, state = grouped_attention(q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], **GROUPED)
+        runs[ctx] = {"qkv": (q, k, v), "state": state, "ms": []}
+    step = {"chunked": lambda q, k, v, s: linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s),
+            "grouped": lambda q, k, v, s: grouped_attention(q, k, v, s, **GROUPED)}[name]
+    for t in range(args.steps):
+        for ctx, r in runs.items():
+            q, k, v = (x[:, :, ctx + t : ctx + t + 1] for x in r["qkv"])
+            ms, (_, r["state"]) = timed(lambda: step(q, k, v, r["state"]), args.device)  # noqa: B023
+            r["ms"].append(ms)
+    return {str(ctx): statistics.median(r["ms"][10:]) for ctx, r in runs.items()}  # 10 warm-up steps
 
 
 def main() -> None:
@@ -141,50 +152,44 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--lengths", default="1024,4096,16384", help="comma-separated sequence lengths")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per op (SDPA: at most 2 from 8K)")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="decoding steps per context")
     args = p.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths, contexts = [int(x) for x in args.lengths.split(",")], [1024, 16384]
     console = Console()
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-           "dtype": args.dtype, "shape": {"B": B, "H": H, "D": D}, "chunk_size": args.chunk_size,
-           "group_size": GROUP, "repeats": args.repeats, "forward": {}, "step_ms": {}}
+           "dtype": args.dtype, "B": B, "H": H, "D": D, "chunk_size": args.chunk_size, "group_size": GROUP,
+           "forward": {}, "step_ms": {}}
     if args.device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
 
     table = Table(title=f"Full-sequence forward, B={B} H={H} D={D} {args.dtype} on {args.device}")
-    for col in ("T", "op", "median ms", "peak MB", "speedup vs SDPA"):
+    for col in ("T", "op", "median ms", "min ms", "peak MB", "speedup vs SDPA"):
         table.add_column(col, justify="right")
     for T in lengths:
-        row = res["forward"][str(T)] = {}
-        # SDPA is quadratic: fewer repeats at long T keeps the CPU run short
-        reps = {op: args.repeats if op != "sdpa" or T < 8192 else max(1, min(args.repeats, 2)) for op in OPS}
         with torch.inference_mode():
-            for op in OPS:
-                fn = make_op(op, *inputs(T, args.device, DTYPES[args.dtype]), args.chunk_size)
-                row[op] = {"ms": median_ms(fn, args.device, reps[op]), "repeats": reps[op]}
-                del fn
-                gc.collect()
+            row = forward_ms(T, args)
+        gc.collect()
         for op in OPS:
             row[op]["peak_mb"] = peak_mb(op, T, args)
-        row["speedup_chunked_vs_sdpa"] = row["sdpa"]["ms"] / row["chunked"]["ms"]
-        row["speedup_grouped_vs_sdpa"] = row["sdpa"]["ms"] / row["grouped"]["ms"]
+        row["speedup_vs_sdpa"] = {op: row["sdpa"]["ms"] / row[op]["ms"] for op in ("chunked", "grouped")}
+        res["forward"][str(T)] = row
         for op in OPS:
-            ratio = f"{row['sdpa']['ms'] / row[op]['ms']:.2f}x" if op != "sdpa" else ""
-            table.add_row(str(T), op, f"{row[op]['ms']:.2f}", f"{row[op]['peak_mb']:.1f}", ratio)
+            r = row[op]
+            speedup = f"{row['speedup_vs_sdpa'][op]:.2f}x" if op != "sdpa" else ""
+            table.add_row(str(T), op, f"{r['ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['peak_mb']:.1f}", speedup)
         table.add_section()
         console.print(f"[dim]T={T} done[/dim]")
     console.print(table)
 
-    steps = Table(title=f"Per-token decoding step (median of {args.steps - 10}), ms")
+    with torch.inference_mode():
+        res["step_ms"] = {op: step_ms(op, contexts, args) for op in ("chunked", "grouped")}
+    steps = Table(title=f"Per-token decoding step, median of {args.steps - 10} steps, ms")
     for col in ("context", "linear_attention_step", "grouped_attention T=1"):
         steps.add_column(col, justify="right")
-    with torch.inference_mode():
-        for ctx in (1024, 16384):
-            res["step_ms"][str(ctx)] = {op: step_ms(op, ctx, args) for op in ("chunked", "grouped")}
-            s = res["step_ms"][str(ctx)]
-            steps.add_row(str(ctx), f"{s['chunked']:.4f}", f"{s['grouped']:.4f}")
+    for ctx in map(str, contexts):
+        steps.add_row(ctx, f"{res['step_ms']['chunked'][ctx]:.4f}", f"{res['step_ms']['grouped'][ctx]:.4f}")
     console.print(steps)
     print(json.dumps(res))
 
