@@ -1,0 +1,111 @@
+"""``linconv convert`` from the command line: success on a tiny folder, and every error path."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny
+from typer.testing import CliRunner
+
+import linconv
+from linconv.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["convert", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    save_tiny("llama", path)
+    return path
+
+
+def test_convert_writes_a_loadable_linconv_folder(tiny_src, tmp_path):
+    out = tmp_path / "lin"
+    result = invoke(tiny_src, out, "--group-size", 8, "--keep-softmax-layers", "1")
+    assert result.exit_code == 0, result.output
+    assert "layers converted" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "linconv-llama"
+    assert config["linconv"]["group_size"] == 8 and config["linconv"]["keep_softmax_layers"] == [1]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "linconv.json").read_text())["source"] == str(tiny_src)
+    model, tok = linconv.load(out)
+    assert tok is not None and model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 96)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attention", "nope"], "unknown attention variant 'nope'; choose from: relu, elu"),
+        (["--attention", "linformer"], "not causal"),
+        (["--group-size", "0"], "--group-size must be > 0"),
+        (["--conv-kernel", "-1"], "--conv-kernel must be >= 0"),
+        (["--keep-softmax-layers", "7"], "out of range"),
+        (["--dtype", "fp8"], "unknown dtype"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny_src, tmp_path, args, message):
+    result = invoke(tiny_src, tmp_path / "out", *args)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for source, message in [(tmp_path / "missing", "no such file or folder"), (tmp_path / "empty", "config.json")]:
+        result = invoke(source, tmp_path / "out")
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "bert")
+    result = invoke(tmp_path / "bert", tmp_path / "out")
+    assert result.exit_code == 1 and "llama" in result.output and "gpt2" in result.output
+
+
+def test_truncated_weights_are_reported(tiny_src, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_src, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = invoke(broken, tmp_path / "out")
+    assert result.exit_code == 1 and "model.safetensors" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tiny_src, tmp_path):
+    out = tmp_path / "lin"
+    out.mkdir()
+    result = invoke(tiny_src, out)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert invoke(tiny_src, out, "--overwrite").exit_code == 0
+    assert (out / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_default_model_converts_in_under_a_minute(tmp_path):
+    import time
+
+    pytest.importorskip("gguf")
+    from linconv.sources import default_model_path
+
+    try:
+        default_model_path()
+    except linconv.errors.LinconvError:
+        pytest.skip("default model wheel not installed")
+    start = time.perf_counter()
+    result = invoke(tmp_path / "smol")
+    assert result.exit_code == 0, result.output
+    assert time.perf_counter() - start < 60
+    assert json.loads((tmp_path / "smol" / "config.json").read_text())["num_hidden_layers"] == 30
