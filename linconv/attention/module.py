@@ -53,6 +53,9 @@ class LinconvAttention(nn.Module):
         elif not self.variant.causal:
             raise LinconvError(f"variant {self.variant.name!r} is not causal and cannot decode step by step")
         state = cache.states[self.layer_idx] if cache is not None else LayerState()
+        if cache is not None and cache.tree is not None:
+            out, cache.pending[self.layer_idx] = self.attend_tree(q, k, v, state, cache.tree)
+            return self.adapter.output(self, out), None
         out, new_state = self.attend(q, k, v, state)
         if self.transfer:
             teacher = self.softmax_attention(q, k, v)
@@ -64,38 +67,85 @@ class LinconvAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """Attention of a segment continuing ``state``: q [B, H, T, D], k, v [B, Hkv, T, D]."""
-        rep = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         if not self.variant.causal:
-            return self._linformer(q, k, v), state
-        q, k = self._prepare(q, k)
+            return self._linformer(q, *self._repeat(k, v)), state
+        q, k, v = self._prepare(q, k, v)
         phi, var = self.feature_map, self.variant
         if var.score:
-            out, attn = ops.grouped_attention(q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self.alpha if self.alpha is not None else 1.0)
+            out, attn = ops.grouped_attention(q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
         elif q.shape[2] == 1 and state.attn is not None:
             out, attn = ops.linear_attention_step(phi(q)[:, :, 0], phi(k)[:, :, 0], v[:, :, 0], state.attn)
             out = out.unsqueeze(2)
         else:
             out, attn = ops.linear_attention(phi(q), phi(k), v, state.attn, normalize=var.normalize, chunk_size=self.chunk_size)
-        if self.out_norm is not None:
-            out = F.rms_norm(out.float(), (self.head_dim,), self.out_norm.float()).to(v.dtype)
-        conv = state.conv
+        out, conv = self._norm(out), state.conv
         if self.conv is not None:
             local, conv = ops.causal_dwconv(v, self.conv, conv)
             out = out + local
         return out, LayerState(attn, conv)
+
+    def attend_tree(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState, parents: list[int]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Every node of a candidate tree as if its root-to-node path had been decoded from ``state``.
+
+        q, k, v [B, *, N, D] hold the N tree nodes. The state is left alone; returns the outputs and
+        the nodes' prepared keys/values, from which ``advance`` commits the accepted path.
+        """
+        q, k, v = self._prepare(q, k, v)
+        phi, var = self.feature_map, self.variant
+        if var.score:
+            attn = state.attn if state.attn is not None else ops.empty_group_state(q, v, phi)
+            out = ops.grouped_tree(q, k, v, parents, attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
+        else:
+            attn = state.attn if state.attn is not None else ops.empty_linear_state(q, v, var.normalize)
+            out = ops.linear_tree(phi(q), phi(k), v, parents, attn)
+        out = self._norm(out)
+        if self.conv is not None:
+            tail = state.conv if state.conv is not None else ops.empty_conv_tail(v, self.conv.shape[-1])
+            out = out + ops.conv_tree(v, self.conv, parents, tail)
+        return out, (k, v)
+
+    def advance(self, state: LayerState, k: Tensor, v: Tensor) -> LayerState:
+        """The state after also seeing prepared keys/values [B, H, T, D] (from ``attend_tree``)."""
+        phi = self.feature_map
+        if self.variant.score:
+            attn = state.attn if state.attn is not None else ops.empty_group_state(k, v, phi)
+            attn = ops.advance_group(attn, k, v, self.group_size, phi)
+        else:
+            attn = state.attn if state.attn is not None else ops.empty_linear_state(k, v, self.variant.normalize)
+            attn = ops.advance_linear(attn, phi(k), v)
+        conv = state.conv
+        if self.conv is not None:
+            conv = ops.advance_conv(conv if conv is not None else ops.empty_conv_tail(v, self.conv.shape[-1]), v)
+        return LayerState(attn, conv)
 
     def softmax_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The original model's causal softmax attention from the same q, k, v: the transfer teacher."""
         rep = self.num_heads // self.num_kv_heads
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=rep > 1)
 
-    def _prepare(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def _alpha(self) -> Tensor | float:
+        return self.alpha if self.alpha is not None else 1.0
+
+    def _repeat(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Grouped-query attention: one key/value head per query head."""
+        rep = self.num_heads // self.num_kv_heads
+        return k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+    def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Repeat kv heads, then normalise (unit q, k) or scale (softmax score) as the variant asks."""
+        k, v = self._repeat(k, v)
         if self.variant.unit_qk:
-            return F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
         if self.variant.score == "softmax":
-            return q * self.head_dim**-0.5, k
-        return q, k
+            return q * self.head_dim**-0.5, k, v
+        return q, k, v
+
+    def _norm(self, out: Tensor) -> Tensor:
+        """Without a denominator the output is RMS-normalised per head (TransNormer)."""
+        if self.out_norm is None:
+            return out
+        return F.rms_norm(out.float(), (self.head_dim,), self.out_norm.float()).to(out.dtype)
 
     def _linformer(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         T = q.shape[2]

@@ -40,12 +40,16 @@ class LinconvCache(Cache):
 
     transformers' own layer list stays empty: linconv's attention modules read and write
     ``states[layer]`` themselves (``put``); softmax layers kept by a hybrid go through ``update``.
+    While ``tree`` is set, linear layers verify a candidate tree without touching their state and
+    leave the nodes' keys/values in ``pending`` for committing the accepted path.
     """
 
     def __init__(self, num_layers: int):
         self.layers = []
         self.states: list[LayerState] = [LayerState() for _ in range(num_layers)]
         self.lengths = [0] * num_layers
+        self.tree: list[int] | None = None  # parent indices while a speculative tree is verified
+        self.pending: list[tuple[Tensor, Tensor] | None] = [None] * num_layers  # the tree nodes' k, v
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.lengths[layer_idx or 0]
@@ -78,3 +82,12 @@ class LinconvCache(Cache):
     def restore(self, snap: tuple[list[LayerState], list[int]]) -> None:
         states, lengths = snap
         self.states, self.lengths = [s.clone() for s in states], list(lengths)
+
+
+def new_cache(model) -> Cache:
+    """An empty decoding state for any causal LM: a LinconvCache for linconv models, else a KV cache."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache()
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)

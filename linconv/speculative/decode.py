@@ -1,0 +1,111 @@
+"""Greedy speculative decoding: draft a tree, verify it in one pass, commit the accepted path.
+
+Each step commits at least the target's own next token (the tree's root) plus every draft token
+that matches the target's greedy choice, so the output is exactly greedy decoding's.
+Batch size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from linconv.attention.state import new_cache
+from linconv.errors import LinconvError
+from linconv.speculative.tree import CandidateTree
+from linconv.speculative.verify import accept_greedy, commit, verify
+
+
+@dataclass
+class SpecResult:
+    tokens: list[int]  # generated tokens (prompt excluded)
+    prefill_s: float
+    decode_s: float
+    steps: int
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step (root excluded)
+    offered: list[int] = field(default_factory=list)  # depth of the draft below the root, per step
+    finish_reason: str = "length"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return len(self.tokens) / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens over the draft depth offered."""
+        return sum(self.accepted) / sum(self.offered) if sum(self.offered) else 0.0
+
+    @property
+    def histogram(self) -> dict[int, int]:
+        """Steps by number of draft tokens accepted."""
+        return dict(sorted(Counter(self.accepted).items()))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: nn.Module,
+    prompt: Sequence[int],
+    draft,
+    *,
+    max_new_tokens: int = 128,
+    stop_ids: Sequence[int] = (),
+    prefill_chunk: int = 2048,
+) -> SpecResult:
+    """Greedy decoding of ``prompt`` (token ids) with ``draft`` proposals; ``draft=None`` is plain
+    greedy decoding through the same verification path (a one-node tree per step)."""
+    if not prompt:
+        raise LinconvError("the prompt is empty")
+    if max_new_tokens <= 0:
+        raise LinconvError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    cache = new_cache(model)
+    _sync(device)
+    start = time.perf_counter()
+    ids = torch.tensor([list(prompt)], device=device)
+    for s in range(0, ids.shape[1], prefill_chunk):
+        hidden = model.base_model(input_ids=ids[:, s : s + prefill_chunk], cache=cache, use_cache=True).last_hidden_state[0, -1]
+    logits: Tensor = model.get_output_embeddings()(hidden).float()
+    _sync(device)
+    result = SpecResult([], time.perf_counter() - start, 0.0, 0)
+    context, past = list(prompt), len(prompt)
+    start = time.perf_counter()
+    while len(result.tokens) < max_new_tokens:
+        root = int(logits.argmax())
+        paths = draft.propose(context + [root], hidden) if draft is not None else []
+        tree = CandidateTree.from_paths(root, paths)
+        hiddens, tree_logits = verify(model, cache, tree, past)
+        path = accept_greedy(tree, tree_logits)
+        commit(model, cache, past, path)
+        new = [tree.tokens[n] for n in path]
+        past += len(path)
+        context += new
+        hidden, logits = hiddens[path[-1]], tree_logits[path[-1]]
+        result.steps += 1
+        result.accepted.append(len(path) - 1)
+        result.offered.append(max(tree.depths) - 1)
+        for tok in new:
+            result.tokens.append(tok)
+            if tok in stop_ids:
+                result.finish_reason = "stop"
+                break
+            if len(result.tokens) == max_new_tokens:
+                break
+        if result.finish_reason == "stop":
+            break
+    _sync(device)
+    result.decode_s = time.perf_counter() - start
+    return result

@@ -1,0 +1,97 @@
+"""Drafts: cheap guesses of the next few tokens, returned as continuation paths.
+
+Every draft answers ``propose(context, hidden)``: ``context`` is the committed tokens plus the root
+(the target's own next token), ``hidden`` the target's last hidden state [hidden] before the root.
+It returns a list of token paths that continue the context; the caller merges them into a tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from linconv.attention.state import LinconvCache, new_cache
+from linconv.errors import LinconvError
+
+
+class PromptLookup:
+    """n-gram lookup in the context itself: where the last n tokens occurred before, propose what
+    followed them (most recent matches first). No model, no training; strong on input-grounded text."""
+
+    def __init__(self, num_tokens: int = 8, max_ngram: int = 3, max_candidates: int = 4):
+        if num_tokens <= 0 or max_ngram <= 0 or max_candidates <= 0:
+            raise LinconvError("prompt lookup needs positive --draft-tokens, n-gram size and tree width")
+        self.num_tokens, self.max_ngram, self.max_candidates = num_tokens, max_ngram, max_candidates
+
+    def propose(self, context: Sequence[int], hidden: Tensor | None = None) -> list[list[int]]:
+        paths: list[list[int]] = []
+        seq = torch.tensor(context)
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            tail = seq[-n:]
+            starts = (seq[:-1].unfold(0, n, 1) == tail).all(1).nonzero().flatten().flip(0)  # newest first
+            for s in starts.tolist():
+                cont = context[s + n : s + n + self.num_tokens]
+                if cont and cont not in paths:
+                    paths.append(list(cont))
+                if len(paths) == self.max_candidates:
+                    return paths
+            if paths:
+                return paths
+        return paths
+
+
+class MedusaDraft:
+    """Medusa heads: head i guesses the token i+1 places after the root from the target's hidden
+    state; the tree takes the top ``widths[i]`` guesses at depth i (all combinations)."""
+
+    def __init__(self, heads: nn.Module, widths: Sequence[int]):
+        if not widths or min(widths) <= 0:
+            raise LinconvError(f"--tree-widths must be positive per depth, got {list(widths)}")
+        if len(widths) > heads.num_heads:
+            raise LinconvError(f"tree has {len(widths)} levels but the checkpoint has {heads.num_heads} Medusa heads")
+        self.heads, self.widths = heads, list(widths)
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int], hidden: Tensor | None = None) -> list[list[int]]:
+        logits = self.heads(hidden[None])[: len(self.widths), 0]  # [depth, vocab]
+        paths: list[list[int]] = [[]]
+        for depth, width in enumerate(self.widths):
+            top = logits[depth].topk(width).indices.tolist()
+            paths = [p + [t] for p in paths for t in top]
+        return paths
+
+
+class DraftModel:
+    """A smaller model with the same tokenizer decodes ``num_tokens`` greedily from its own cache;
+    the guesses are rolled back afterwards so that its cache holds only committed tokens."""
+
+    def __init__(self, model: nn.Module, num_tokens: int = 4):
+        if num_tokens <= 0:
+            raise LinconvError("--draft-tokens must be > 0")
+        self.model, self.num_tokens = model, num_tokens
+        self.cache, self.seen = new_cache(model), 0
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int], hidden: Tensor | None = None) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        committed = context[:-1]  # the root is the target's next token, certain but not yet committed
+        if len(committed) > self.seen:
+            self.model(torch.tensor([committed[self.seen :]], device=device), cache=self.cache, use_cache=True, logits_to_keep=1)
+            self.seen = len(committed)
+        snapshot = self.cache.snapshot() if isinstance(self.cache, LinconvCache) else None
+        token, path = torch.tensor([[context[-1]]], device=device), []
+        for _ in range(self.num_tokens):
+            token = self.model(token, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            path.append(int(token))
+        if snapshot is not None:
+            self.cache.restore(snapshot)
+        else:
+            self.cache.crop(self.seen)
+        return [path]
+
+
+def same_tokenizer(a, b) -> bool:
+    """Drafts must share the target's vocabulary token for token."""
+    return a.get_vocab() == b.get_vocab()

@@ -1,0 +1,74 @@
+"""Verify a candidate tree in one forward pass, accept greedily, commit the accepted path.
+
+Linconv models verify through the attention's tree form (state contribution + tree-masked parallel
+part + unfolded DWConv) and commit by advancing each layer's state along the accepted path from
+the keys/values computed during verification: rejected branches never touch the state. Softmax
+models (the baseline, and softmax layers kept by a hybrid) use the ordinary tree mask over their KV
+cache, which is then cropped to the prefix plus the accepted path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from linconv.attention.module import LinconvAttention
+from linconv.attention.state import KVState, LayerState, LinconvCache
+from linconv.ops import ancestor_mask
+from linconv.speculative.tree import CandidateTree
+
+
+def tree_attention_mask(tree: CandidateTree, past: int, dtype: torch.dtype, device) -> Tensor:
+    """Additive mask [1, 1, N, past + N]: every node sees the prefix and its own ancestors."""
+    allowed = torch.cat([torch.ones(len(tree), past, dtype=torch.bool), ancestor_mask(tree.parents)], 1)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
+
+
+def verify(model: nn.Module, cache, tree: CandidateTree, past: int) -> tuple[Tensor, Tensor]:
+    """Run the tree through ``model``: returns final hidden states [N, hidden] and logits [N, vocab]."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([tree.tokens], device=device)
+    positions = torch.tensor([[past + d - 1 for d in tree.depths]], device=device)
+    mask = tree_attention_mask(tree, past, model.dtype, device)
+    if isinstance(cache, LinconvCache):
+        cache.tree = tree.parents
+    try:
+        hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
+    finally:
+        if isinstance(cache, LinconvCache):
+            cache.tree = None
+    return hidden[0], model.get_output_embeddings()(hidden[0]).float()
+
+
+def accept_greedy(tree: CandidateTree, logits: Tensor) -> list[int]:
+    """The longest root path whose every token is the target's greedy choice after its parent."""
+    path = [0]
+    while True:
+        child = tree.children(path[-1]).get(int(logits[path[-1]].argmax()))
+        if child is None:
+            return path
+        path.append(child)
+
+
+def commit(model: nn.Module, cache, past: int, path: list[int]) -> None:
+    """Advance ``cache`` (which has seen ``past`` tokens) by the accepted tree nodes ``path``."""
+    index = torch.tensor([past + n for n in path], device=next(model.parameters()).device)
+    if isinstance(cache, DynamicCache):
+        for layer in cache.layers:
+            layer.keys = torch.cat([layer.keys[:, :, :past], layer.keys.index_select(2, index)], 2)
+            layer.values = torch.cat([layer.values[:, :, :past], layer.values.index_select(2, index)], 2)
+        return
+    nodes = index - past
+    for m in model.modules():
+        if isinstance(m, LinconvAttention):
+            k, v = cache.pending[m.layer_idx]
+            cache.states[m.layer_idx] = m.advance(cache.states[m.layer_idx], k.index_select(2, nodes), v.index_select(2, nodes))
+            cache.pending[m.layer_idx] = None
+            cache.lengths[m.layer_idx] += len(path)
+    for i, state in enumerate(cache.states):
+        if isinstance(state.attn, KVState):  # a softmax layer kept by a hybrid: crop like a KV cache
+            kv = [torch.cat([t[:, :, :past], t.index_select(2, index)], 2) for t in state.attn]
+            cache.states[i] = LayerState(KVState(*kv))
+            cache.lengths[i] = past + len(path)

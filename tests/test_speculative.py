@@ -1,0 +1,111 @@
+"""Speculative decoding: identical greedy output, identical final state, every draft and variant."""
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_config
+from test_model import CAUSAL, converted
+from transformers import AutoModelForCausalLM
+
+from linconv.attention.state import new_cache
+from linconv.errors import LinconvError
+from linconv.speculative.decode import speculative_generate
+from linconv.speculative.drafts import DraftModel, PromptLookup
+from linconv.speculative.tree import CandidateTree
+
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9]
+
+
+class OracleDraft:
+    """Proposes the true greedy continuation (known in advance) among random wrong branches, so
+    that long paths are accepted and trees cross group boundaries at every offset."""
+
+    def __init__(self, truth, depth=5, branches=3, seed=0):
+        self.truth, self.depth, self.branches = truth, depth, branches
+        self.rng = random.Random(seed)
+
+    def propose(self, context, hidden=None):
+        done = len(context) - len(PROMPT)  # tokens of the truth already committed, root included
+        right = self.truth[done : done + self.depth]
+        depth = self.rng.randint(0, len(right))
+        paths = [right[:depth]]
+        for _ in range(self.branches):
+            k = self.rng.randint(0, depth)
+            paths.append(right[:k] + [self.rng.randrange(90) for _ in range(self.rng.randint(1, 3))])
+        return paths
+
+
+def greedy(model, n):
+    return speculative_generate(model, PROMPT, None, max_new_tokens=n).tokens
+
+
+@pytest.mark.parametrize("variant", CAUSAL)
+def test_speculative_output_is_greedy_output_for_every_variant(variant):
+    model = converted("llama", variant, group_size=4, conv_kernel=5)
+    truth = greedy(model, 24)
+    ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0, len(PROMPT) :].tolist()
+    assert truth == ref
+    for draft in (OracleDraft(truth), PromptLookup(num_tokens=4), DraftModel(converted("llama", "relu"), 3)):
+        result = speculative_generate(model, PROMPT, draft, max_new_tokens=24)
+        assert result.tokens == truth
+    assert sum(speculative_generate(model, PROMPT, OracleDraft(truth), max_new_tokens=24).accepted) > 10
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_softmax_and_hybrid_models_verify_trees_too(arch):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config(arch, eos_token_id=None)).eval()
+    hybrid = converted(arch, keep_softmax_layers=[1], group_size=4)
+    for model in (base, hybrid):
+        truth = greedy(model, 16)
+        assert truth == model.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False)[0, len(PROMPT) :].tolist()
+        assert speculative_generate(model, PROMPT, OracleDraft(truth), max_new_tokens=16).tokens == truth
+
+
+@torch.inference_mode()
+def test_state_after_speculation_equals_state_after_plain_decoding():
+    from linconv.speculative import verify as V
+
+    model = converted("llama", group_size=4, conv_kernel=5)
+    truth = greedy(model, 12)
+    draft = OracleDraft(truth, depth=6, seed=3)
+    # speculative: verify + commit, keeping the cache
+    spec = new_cache(model)
+    out = model(torch.tensor([PROMPT]), cache=spec)
+    logits, past, context = out.logits[0, -1], len(PROMPT), list(PROMPT)
+    while past < len(PROMPT) + 12:
+        root = int(logits.argmax())
+        tree = CandidateTree.from_paths(root, draft.propose(context + [root]))
+        _, tree_logits = V.verify(model, spec, tree, past)
+        path = V.accept_greedy(tree, tree_logits)
+        V.commit(model, spec, past, path)
+        context += [tree.tokens[n] for n in path]
+        past += len(path)
+        logits = tree_logits[path[-1]]
+    plain = new_cache(model)
+    model(torch.tensor([context]), cache=plain)
+    for a, b in zip(spec.states, plain.states):
+        for x, y in zip(a.tensors(), b.tensors()):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert spec.lengths == plain.lengths
+
+
+def test_candidate_tree_merges_shared_prefixes():
+    tree = CandidateTree.from_paths(7, [[1, 2], [1, 3], [4]])
+    assert tree.tokens == [7, 1, 2, 3, 4] and tree.parents == [-1, 0, 1, 1, 0]
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_ngram():
+    assert PromptLookup(num_tokens=3).propose([1, 2, 3, 4, 5, 1, 2]) == [[3, 4, 5]]
+    assert PromptLookup().propose([1, 2, 3]) == []
+
+
+def test_bad_speculative_input_is_refused():
+    model = converted("llama")
+    with pytest.raises(LinconvError, match="positive"):
+        PromptLookup(max_candidates=0)
+    with pytest.raises(LinconvError, match="empty"):
+        speculative_generate(model, [], None)
+    with pytest.raises(LinconvError, match="> 0"):
+        speculative_generate(model, PROMPT, None, max_new_tokens=0)
