@@ -18,7 +18,7 @@ class LinearizeConfig:
     group_size: int = 64
     conv_kernel: int | None = None
     keep_softmax_layers: list[int] = field(default_factory=list)
-    chunk_size: int = 64
+    chunk_size: int = 128
     linformer_rank: int = 128
     linformer_max_len: int = 8192
     allow_noncausal: bool = False

@@ -50,7 +50,7 @@ def linear_attention(
     state: LinearState | None = None,
     *,
     normalize: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = 128,
 ) -> tuple[Tensor, LinearState]:
     """Chunked causal linear attention: quadratic inside chunks of ``chunk_size``, state across.
 

@@ -16,7 +16,7 @@ Measures, at the default model's head shape (B=1, H=9, D=64):
 Prints rich tables, then one JSON object with every figure as the last line. Run:
 
     python tests/benchmarks/bench_ops.py [--device cpu|cuda] [--dtype fp32|bf16]
-        [--lengths 1024,4096,16384] [--repeats 5] [--chunk-size 64] [--steps 200]
+        [--lengths 1024,4096,16384] [--repeats 5] [--chunk-size 128] [--steps 200]
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--lengths", default="1024,4096,16384", help="comma-separated sequence lengths")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per op (SDPA: at most 2 from 8K)")
-    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=200, help="decoding steps per context")
     args = p.parse_args()
     lengths, contexts = [int(x) for x in args.lengths.split(",")], [1024, 16384]
