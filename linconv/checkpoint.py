@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,12 +46,18 @@ def atomic_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, output: str | Path, *, card: dict, overwrite: bool = False) -> Path:
-    """Write ``model`` and ``tokenizer`` as a linconv folder; ``card`` records how it was made."""
+def save_checkpoint(model, tokenizer, output: str | Path, *, card: dict, overwrite: bool = False,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` as a linconv folder; ``card`` records how it was made.
+
+    ``extra(folder)`` may add files (an adapter, Medusa heads) inside the same atomic write.
+    """
     with atomic_folder(output, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         (tmp / "linconv.json").write_text(json.dumps(card, indent=2) + "\n")
         lines = [f"# {Path(output).name}", "", "A linearized model made by linconv.", ""]
         lines += [f"- **{k}**: `{v}`" for k, v in card.items()]

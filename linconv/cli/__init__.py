@@ -32,6 +32,18 @@ from linconv.cli.convert import convert_command  # noqa: E402
 
 app.command("convert")(convert_command)
 
+from linconv.cli.finetune import finetune_command  # noqa: E402
+
+app.command("finetune")(finetune_command)
+
+from linconv.cli.generate import generate_command  # noqa: E402
+
+app.command("generate")(generate_command)
+
+from linconv.cli.bench import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+
 
 def main() -> None:
     app()

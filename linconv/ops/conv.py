@@ -28,6 +28,9 @@ def causal_dwconv(v: Tensor, weight: Tensor, tail: Tensor | None = None) -> tupl
     if tail is None:
         tail = empty_conv_tail(v, K)
     x = torch.cat([tail, v.float()], 2)  # [B, H, K-1+T, D]
+    if T == 1:  # decoding step: one dot product over the K taps, cheaper than a conv1d call
+        y = (x * weight.float().flip(-1).unsqueeze(-1)).sum(2, keepdim=True)
+        return y.to(v.dtype), x[:, :, 1:]
     channels = x.permute(0, 1, 3, 2).reshape(B, H * D, K - 1 + T)
     kernel = weight.float().flip(-1).repeat_interleave(D, 0).unsqueeze(1)  # [H*D, 1, K]
     y = F.conv1d(channels, kernel, groups=H * D).view(B, H, D, T).permute(0, 1, 3, 2)

@@ -101,6 +101,8 @@ def grouped_attention(
     """
     if state is None:
         state = empty_group_state(q, v, phi)
+    if q.shape[2] == 1:
+        return grouped_step(q, k, v, state, group_size=group_size, score=score, phi=phi, alpha=alpha)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     G = group_size
@@ -132,3 +134,42 @@ def grouped_attention(
     out = (num / (den + EPS)).reshape(B, H, n * G, Dv)[:, :, b:L]
     new_state = GroupState(S, z, k_all[:, :, done * G :], v_all[:, :, done * G :])
     return out.to(v.dtype), new_state
+
+
+def grouped_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: GroupState,
+    *,
+    group_size: int,
+    score: str,
+    phi: FeatureMap | None = None,
+    alpha: Tensor | float = 1.0,
+) -> tuple[Tensor, GroupState]:
+    """One decoding step (q, k, v [B, H, 1, D]) of :func:`grouped_attention`, in O(G) work.
+
+    The query scores only the buffered keys of its group and itself, and reads the global state
+    directly; S, z absorb the buffer when the group fills. (The sequence form would pad the query
+    to a whole G x G group and recompute the group's φ(k)ᵀv every step.)
+    """
+    q32 = q.float()
+    k_all = torch.cat([state.k_buf, k.float()], 2)  # [B, H, b+1, Dk]
+    v_all = torch.cat([state.v_buf, v.float()], 2)
+    everything = torch.ones((), dtype=torch.bool, device=q.device)  # every buffered key is in the past
+    w, m = local_weights(q32 @ k_all.transpose(-1, -2), everything, score)  # [B, H, 1, b+1], [B, H, 1, 1]
+    num = w @ v_all
+    den = w.sum(-1, keepdim=True)
+    S, z = state.S, state.z
+    if phi is not None:
+        qf = phi(q32)  # [B, H, 1, F]
+        scale = alpha * torch.exp(-m)
+        num = num + scale * (qf @ S)
+        den = den + scale * (qf * z.unsqueeze(2)).sum(-1, keepdim=True)
+    out = num / (den + EPS)
+    if k_all.shape[2] == group_size:  # the group is complete: fold it into the global state
+        if phi is not None:
+            kf = phi(k_all)
+            S, z = S + kf.transpose(-1, -2) @ v_all, z + kf.sum(2)
+        k_all, v_all = k_all[:, :, :0], v_all[:, :, :0]
+    return out.to(v.dtype), GroupState(S, z, k_all, v_all)

@@ -1,0 +1,88 @@
+"""``linconv generate``: stream text from a linearized checkpoint with O(1)-memory decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from linconv.cli.common import console, friendly, parse_device, parse_dtype
+from linconv.errors import LinconvError
+
+
+def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise LinconvError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LinconvError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+    if not prompt.strip():
+        raise LinconvError("the prompt is empty")
+    return prompt
+
+
+def _load(checkpoint: str | None, dtype, device):
+    """(model, tokenizer): a checkpoint folder, or a fresh conversion of the default model."""
+    import linconv
+    from linconv.models import ADAPTERS
+    from linconv.sources import load_source
+
+    if checkpoint is None:
+        with console.status("loading and converting the default model (SmolLM2-135M-Instruct)…"):
+            base, tokenizer = load_source(None, ADAPTERS, dtype=dtype or parse_dtype("fp32"), device=device)
+            return linconv.convert(base), tokenizer
+    with console.status(f"loading {checkpoint}…"):
+        model, tokenizer = linconv.load(checkpoint, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise LinconvError(f"{checkpoint} has no tokenizer files; save the tokenizer into the folder")
+    return model, tokenizer
+
+
+def _encode(tokenizer, text: str, chat: bool, explicit: bool) -> list[int]:
+    if chat and tokenizer.chat_template is None:
+        if explicit:
+            raise LinconvError("--chat: the tokenizer has no chat template; use --no-chat")
+        chat = False
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+@friendly
+def generate_command(
+    checkpoint: str | None = typer.Argument(None, help="A linconv checkpoint folder (default: a fresh conversion of the built-in SmolLM2-135M-Instruct, cached nowhere)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt text."),
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this file."),
+    max_new_tokens: int = typer.Option(128, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; higher samples more freely."),
+    top_k: int | None = typer.Option(None, help="Sample only from the k most likely tokens."),
+    top_p: float | None = typer.Option(None, help="Sample only from the smallest set of tokens whose probability reaches p."),
+    seed: int | None = typer.Option(None, help="Seed for sampling (reproducible output)."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); the model's eos token always stops."),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template (default: on for the default model, off for a checkpoint)."),
+    prefill_chunk: int = typer.Option(2048, help="Prompt tokens per prefill forward (bounds memory on long prompts)."),
+    device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model)."),
+) -> None:
+    """Generate text from a linearized checkpoint, streaming it as it comes; a last line gives tokens/s."""
+    from linconv import report
+    from linconv.generate import check_options, generate
+
+    text = _prompt_text(prompt, prompt_file)
+    check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
+    model, tokenizer = _load(checkpoint, parse_dtype(dtype), parse_device(device))
+    ids = _encode(tokenizer, text, checkpoint is None if chat is None else chat, chat is not None)
+
+    def stream(row: int, token: int, piece: str) -> None:
+        if piece:
+            typer.echo(piece, nl=False)
+
+    result = generate(
+        model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        stop_strings=stop or (), tokenizer=tokenizer, prefill_chunk=prefill_chunk, on_token=stream,
+    )
+    typer.echo("")
+    console.print(report.generation_line(result), highlight=False, soft_wrap=True)

@@ -1,0 +1,325 @@
+"""Recurrent inference: chunked prefill, then token-by-token decoding, for linconv and softmax models.
+
+One loop serves both kinds of model, so both are measured the same way. A linconv model decodes from
+its ``LinconvCache`` (O(1) memory in the context length); an original softmax model from transformers'
+``DynamicCache`` (grows with the context). The prompt goes through the model in chunks of
+``prefill_chunk`` tokens carrying the state, asking for the logits of the last position only, so a long
+prompt never materialises activations or full-vocabulary logits for all of its tokens at once.
+
+Batches: a softmax model gets left-padded prompts with an attention mask. A linconv model never sees
+padding (it would enter the recurrent state): prompts of equal length run as one batch; prompts of
+different lengths run one after the other, each with its own state (the rows' group buffers differ
+in length). Either way each row's tokens equal those of the prompt generated alone.
+
+The engine returns tokens and timings and prints nothing; ``on_token`` streams.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from linconv.errors import LinconvError
+from linconv.models.hf import is_linconv
+
+OnToken = Callable[[int, int, str], None]  # (row, token id, newly final text)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (a stop token, when hit, is the last one)
+    texts: list[str] | None  # decoded generated text per prompt, cut before a stop string (needs a tokenizer)
+    finish_reasons: list[str]  # per prompt: "stop_token", "stop_string", "max_new_tokens" or "context_limit"
+    prompt_tokens: list[int]  # prompt length per prompt
+    prefill_seconds: float  # prompt forward(s) plus the first sampled token
+    token_seconds: list[float] = field(default_factory=list)  # one entry per decode step (a step serves all active rows)
+    decode_tokens: int = 0  # tokens produced by the decode steps (the first token of each row comes from prefill)
+    state_bytes_prefill: int = 0  # decoding state (linconv state or KV cache) after prefill, summed over rows
+    state_bytes_end: int = 0
+    logits: list[Tensor] | None = None  # keep_logits=True: [rows, V] per step (batched run) or per row and step
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return sum(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total = sum(self.token_seconds)
+        return self.decode_tokens / total if total else float("nan")
+
+
+def context_limit(model) -> int | None:
+    """Positions a model can use: a softmax model's trained context; None for a linconv model with
+    rotary positions; absolute position embeddings (GPT-2) are a hard limit for both."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if is_linconv(config) and config.model_type != "linconv-gpt2":
+        return None
+    return limit
+
+
+def state_nbytes(cache) -> int:
+    """Bytes held by a decoding state: a LinconvCache or a transformers KV cache."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+class IncrementalDecoder:
+    """Token ids in, text out as soon as it is final (multi-byte characters are never split)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.prefix, self.read, self.text = tokenizer, [], 0, 0, ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for the next token
+        delta = after[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
+        return delta
+
+
+class _Row:
+    """One prompt's output: tokens, text with stop-string hold-back, finish reason."""
+
+    def __init__(self, tokenizer, stop_ids: set[int], stop_strings: list[str], budget: int, budget_reason: str):
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        self.stop_ids, self.stop_strings, self.budget, self.budget_reason = stop_ids, stop_strings, budget, budget_reason
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters of decoder.text handed to on_token
+        self.finish: str | None = None
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """Record a sampled token; returns the text that became final."""
+        self.tokens.append(token)
+        if token in self.stop_ids:
+            self.finish = "stop_token"
+        elif self.decoder is not None:
+            old = len(self.decoder.text)
+            self.decoder.push(token)
+            text = self.decoder.text
+            hits = [i for s in self.stop_strings if (i := text.find(s, max(0, old - len(s) + 1))) >= 0]
+            if hits:
+                self.finish, self.text = "stop_string", text[: min(hits)]
+        if self.finish is None and len(self.tokens) >= self.budget:
+            self.finish = self.budget_reason
+        if self.decoder is None:
+            return ""
+        if self.finish is None:  # hold back a tail that may be the start of a stop string
+            text = self.decoder.text
+            held = max((n for s in self.stop_strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            self.text = text[: len(text) - held]
+        elif self.finish != "stop_string":
+            self.text = self.decoder.text
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta
+
+
+class Sampler:
+    """Greedy (temperature 0) or temperature / top-k / top-p sampling from logits [B, V]."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
+        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            sorted_logits, order = logits.sort(-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # mass before a token already reaches p; keeps the top one
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        if self.generator is None or self.generator.device != logits.device:
+            self.generator = torch.Generator(logits.device)
+            if self.seed is not None:
+                self.generator.manual_seed(self.seed)
+            else:
+                self.generator.seed()
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _as_rows(prompts) -> list[list[int]]:
+    if isinstance(prompts, Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    if not prompts:
+        raise LinconvError("the prompt is empty")
+    return [list(map(int, p)) for p in prompts]
+
+
+def check_options(max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, prefill_chunk: int = 2048) -> None:
+    """Raise LinconvError for generation options that cannot work (before any model is loaded)."""
+    if max_new_tokens <= 0:
+        raise LinconvError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise LinconvError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise LinconvError(f"--top-k must be > 0, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise LinconvError(f"--top-p must be in (0, 1], got {top_p}")
+    if prefill_chunk <= 0:
+        raise LinconvError(f"--prefill-chunk must be > 0, got {prefill_chunk}")
+
+
+def _check_prompts(rows: list[list[int]], model, ignore_limit: bool) -> None:
+    for i, row in enumerate(rows):
+        if not row:
+            raise LinconvError("the prompt is empty" if len(rows) == 1 else f"prompt {i} is empty")
+    limit = context_limit(model)
+    longest = max(map(len, rows))
+    if limit is not None and longest >= limit and not ignore_limit:
+        raise LinconvError(f"the prompt has {longest} tokens but the model's context limit is {limit} tokens (max_position_embeddings); shorten it")
+
+
+def _step_inputs(mask: Tensor | None, positions: Tensor | None):
+    return {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+
+
+def _run(model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampler: Sampler, chunk: int, on_token, offset: int, keep_logits: bool):
+    """Prefill ``ids`` [B, T] (left-padded where ``mask`` has zeros) in chunks, then decode until every row finishes."""
+    device, B, T = ids.device, *ids.shape
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        extra = {} if mask is None else {"attention_mask": mask[:, :e], "position_ids": positions[:, s:e]}
+        logits = model(ids[:, s:e], cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+    kept, step_times, decode_tokens = [], [], 0
+    tokens = sampler(logits)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    state_prefill = state_nbytes(cache)
+    if positions is not None:
+        positions = positions[:, -1:]
+    while True:
+        if keep_logits:
+            kept.append(logits.float().cpu())
+        for b, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            if row.finish is None:
+                decode_tokens += bool(step_times)  # the first token of a row comes from prefill
+                text = row.push(token)
+                if on_token is not None:
+                    on_token(offset + b, token, text)
+        if all(r.finish is not None for r in rows):
+            break
+        t = time.perf_counter()
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            positions = positions + 1
+        logits = model(tokens[:, None], cache=cache, use_cache=True, logits_to_keep=1, **_step_inputs(mask, positions)).logits[:, -1]
+        tokens = sampler(logits)
+        _sync(device)
+        step_times.append(time.perf_counter() - t)
+    return prefill_s, step_times, decode_tokens, state_prefill, state_nbytes(cache), kept
+
+
+def _groups(model, rows_ids: list[list[int]], rows: list[_Row], device):
+    """(ids [B, T], attention mask or None, fresh cache, rows, index of the first row) per batch to run."""
+    lengths = {len(r) for r in rows_ids}
+    if not is_linconv(model.config):  # softmax: one left-padded batch
+        T = max(lengths)
+        ids = torch.tensor([[0] * (T - len(r)) + r for r in rows_ids], device=device)
+        mask = None if len(lengths) == 1 else torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows_ids], device=device)
+        yield ids, mask, DynamicCache(config=model.config), rows, 0
+    elif len(lengths) == 1:  # linconv, equal lengths: one batch, no padding
+        yield torch.tensor(rows_ids, device=device), None, model.new_cache(), rows, 0
+    else:  # linconv, different lengths: one row at a time, each with its own state
+        for i, (r, row) in enumerate(zip(rows_ids, rows)):
+            yield torch.tensor([r], device=device), None, model.new_cache(), [row], i
+
+
+def _default_stop_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    prompts: Sequence[int] | Sequence[Sequence[int]] | Tensor,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_token_ids: Iterable[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    prefill_chunk: int = 2048,
+    on_token: OnToken | None = None,
+    keep_logits: bool = False,
+    ignore_context_limit: bool = False,
+) -> GenerationResult:
+    """Generate from one prompt (a list of ids) or several (a list of lists, or a [B, T] tensor).
+
+    ``stop_token_ids``: None means the model's eos ids; pass ``()`` for none. ``stop_strings`` and the
+    streamed text need ``tokenizer``. ``on_token(row, token, text)`` is called for every generated token
+    with the text that became final (text that may begin a stop string is held back until resolved).
+    Sampling: ``temperature`` 0 is greedy (top-k / top-p then unused); ``seed`` makes sampling
+    reproducible. A softmax model refuses prompts reaching its trained context (``ignore_context_limit``
+    lets a benchmark go past it) and stops there. Errors in the arguments raise :class:`LinconvError`.
+
+    Batches: prompts of different lengths are left-padded for a softmax model; a linconv model runs
+    them one at a time, each row with its own state (its group buffer holds a different number of
+    tokens), so per-step figures then cover one row at a time.
+    """
+    rows_ids = _as_rows(prompts)
+    stop_strings = [s for s in stop_strings if s]
+    check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
+    if stop_strings and tokenizer is None:
+        raise LinconvError("stop strings need a tokenizer")
+    _check_prompts(rows_ids, model, ignore_context_limit)
+    stop_ids = _default_stop_ids(model) if stop_token_ids is None else set(stop_token_ids)
+    limit = None if ignore_context_limit else context_limit(model)
+
+    def new_row(n: int) -> _Row:
+        if limit is not None and limit - n < max_new_tokens:
+            return _Row(tokenizer, stop_ids, stop_strings, limit - n, "context_limit")
+        return _Row(tokenizer, stop_ids, stop_strings, max_new_tokens, "max_new_tokens")
+
+    device = next(model.parameters()).device
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    rows = [new_row(len(r)) for r in rows_ids]
+    result = GenerationResult([], None, [], [len(r) for r in rows_ids], 0.0, logits=[] if keep_logits else None)
+    for ids, mask, cache, group_rows, offset in _groups(model, rows_ids, rows, device):
+        prefill_s, times, n, state0, state1, kept = _run(model, ids, mask, cache, group_rows, sampler, prefill_chunk, on_token, offset, keep_logits)
+        result.prefill_seconds += prefill_s
+        result.token_seconds += times
+        result.decode_tokens += n
+        result.state_bytes_prefill += state0
+        result.state_bytes_end += state1
+        if keep_logits:
+            result.logits += kept
+    result.tokens = [r.tokens for r in rows]
+    result.finish_reasons = [r.finish for r in rows]
+    result.texts = [r.text for r in rows] if tokenizer is not None else None
+    return result

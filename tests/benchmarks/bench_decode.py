@@ -1,0 +1,259 @@
+"""Decode speed against context length: linearized vs original default model, one loop for both
+(run by hand; pytest ignores this folder).
+
+Measures, fp32 on CPU (or ``--device cuda``), with the engine of ``linconv.generate``:
+
+1. Decode tokens/s at each context (default 256, 2K, 8K, 16K) for a fresh conversion of the default
+   model (SmolLM2-135M-Instruct, default ``augmented`` variant) and for the original softmax model.
+   The context is reached by a chunked prefill of random token ids (speed does not depend on the
+   text); then ``--warmup`` decode steps are discarded and the median of the next ``--steps`` is taken.
+   Past the original's trained 8K context its positions extrapolate: the speed is still meaningful.
+2. Each figure as a fraction of the memory-bandwidth roofline: one decode step must read every
+   weight once plus the decoding state (linear state, or the KV cache at that context), so
+   roofline tokens/s = copy bandwidth / (weight bytes + state bytes). The bandwidth is measured here
+   with a large tensor copy (bytes read + bytes written per second).
+3. linconv's loop vs transformers' ``generate`` (greedy, per-token times from a streamer) at
+   ``--hf-context`` tokens, for the same original model and for the linearized one.
+4. Peak memory of a ``--prefill-memory``-token chunked prefill of the linearized model, beside the
+   weight bytes and the KV cache the original would need at that length. CPU: the peak of live tensor
+   bytes (from the profiler's allocation and free records) and the rise of the process's peak RSS,
+   reset just before (glibc's mmap threshold is fixed at 1 MiB first so freed chunks are returned;
+   RSS still includes allocator slack); CUDA: max_memory_allocated.
+
+Prints progress on stderr, rich tables, then one JSON object as the last line. Run:
+
+    python tests/benchmarks/bench_decode.py [--contexts 256,2048,8192,16384] [--steps 32]
+        [--warmup 4] [--prefill-chunk 2048] [--prefill-memory 32768] [--hf-context 256]
+        [--threads N] [--device cpu|cuda] [--no-original]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers.generation.streamers import BaseStreamer
+
+import linconv
+from linconv.generate import generate
+from linconv.models import ADAPTERS
+from linconv.sources import load_source
+
+out, err = Console(), Console(stderr=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 10) -> float:
+    """Bytes per second of a large tensor copy, counting the read and the write (best of repeats).
+
+    Measured at the start and again at the end of the run (the best is kept): on a shared machine a
+    single measurement can land in a busy moment and make the roofline look lower than it is.
+    """
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters and buffers, tied tensors counted once."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def random_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(100, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def measure(model, n: int, args, label: str) -> dict:
+    """Prefill ``n`` random tokens, decode warmup + steps tokens: the engine's statistics."""
+    err.print(f"[dim]{label}: context {n:,}: prefilling in chunks of {args.prefill_chunk}…[/]")
+    t = time.perf_counter()
+    res = generate(model, random_prompt(n, model.config.vocab_size), max_new_tokens=args.warmup + args.steps + 1,
+                   stop_token_ids=(), prefill_chunk=args.prefill_chunk, ignore_context_limit=True)
+    step = statistics.median(res.token_seconds[args.warmup :])
+    err.print(f"[dim]{label}: context {n:,}: {1 / step:.1f} tok/s decode, prefill {res.prefill_tokens_per_s:.0f} tok/s ({time.perf_counter() - t:.0f} s)[/]")
+    return {"decode_tok_s": 1 / step, "ms_per_token": 1e3 * step, "prefill_tok_s": res.prefill_tokens_per_s, "state_bytes": res.state_bytes_end}
+
+
+class TimingStreamer(BaseStreamer):
+    """Records when transformers' generate hands over each new token (the first put is the prompt)."""
+
+    def __init__(self, device):
+        self.times, self.device = [], device
+
+    def put(self, value):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def hf_decode(model, n: int, args, device) -> float:
+    """Median per-token seconds of transformers' greedy generate after ``n`` prompt tokens."""
+    ids = torch.tensor([random_prompt(n, model.config.vocab_size)], device=device)
+    streamer = TimingStreamer(device)
+    total = args.warmup + args.steps + 1
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=total, min_new_tokens=total, do_sample=False, streamer=streamer)
+    gaps = [b - a for a, b in zip(streamer.times[1:], streamer.times[2:])]  # one per decode step (times[0]: the prompt)
+    return statistics.median(gaps[args.warmup :])
+
+
+def _hwm_bytes() -> int:
+    return 1024 * int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def _rss_bytes() -> int:
+    return 1024 * int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def prefill_memory(model, n: int, args, device) -> dict:
+    """Peak memory added by a chunked prefill of ``n`` tokens (prefill and one token, nothing else)."""
+    ids = random_prompt(n, model.config.vocab_size, seed=1)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        try:  # glibc: give big tensors their own mappings, returned on free; hand back freed heap
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (the default threshold grows, and glibc then keeps freed chunks)
+            libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        base = _rss_bytes()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    err.print(f"[dim]linearized: chunked prefill of {n:,} tokens for peak memory…[/]")
+    if device.type == "cuda":
+        res = generate(model, ids, max_new_tokens=1, stop_token_ids=(), prefill_chunk=args.prefill_chunk)
+        tensors = torch.cuda.max_memory_allocated(device) - base
+        rss = None
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            res = generate(model, ids, max_new_tokens=1, stop_token_ids=(), prefill_chunk=args.prefill_chunk)
+        rss = _hwm_bytes() - base
+        # live tensor bytes over time: each op's own allocations (+) and the frees (-), in order
+        events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+        tensors = live = 0
+        for _, delta in events:
+            live += delta
+            tensors = max(tensors, live)
+    return {"tokens": n, "peak_tensor_bytes": tensors, "peak_rss_above_baseline_bytes": rss, "prefill_tok_s": res.prefill_tokens_per_s, "state_bytes": res.state_bytes_end}
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="256,2048,8192,16384")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--prefill-memory", type=int, default=32768, help="tokens of the peak-memory prefill (0: skip)")
+    p.add_argument("--hf-context", type=int, default=256, help="context of the loop comparison (0: skip)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-original", action="store_true", help="measure the linearized model only")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    contexts = sorted(int(c) for c in args.contexts.split(",") if c)
+
+    bandwidth = copy_bandwidth(device)
+    err.print(f"[dim]copy bandwidth {bandwidth / 1e9:.1f} GB/s; loading the default model…[/]")
+    original, _ = load_source(None, ADAPTERS, dtype=torch.float32, device=device)
+    linear = linconv.convert(original)  # fresh conversion, default variant
+    weights = weight_bytes(original)
+    models = {"linearized": linear} if args.no_original else {"linearized": linear, "original": original}
+
+    results: dict[int, dict[str, dict]] = {n: {label: measure(model, n, args, label) for label, model in models.items()} for n in contexts}
+
+    loops = {}
+    if args.hf_context:
+        n = args.hf_context
+        for label, model in models.items():
+            ours = results[n][label]["ms_per_token"] / 1e3 if n in results else 1 / measure(model, n, args, label)["decode_tok_s"]
+            err.print(f"[dim]{label}: transformers generate at context {n}…[/]")
+            theirs = hf_decode(model, n, args, device)
+            loops[label] = {"context": n, "linconv_loop_tok_s": 1 / ours, "transformers_generate_tok_s": 1 / theirs}
+
+    memory = prefill_memory(linear, args.prefill_memory, args, device) if args.prefill_memory else None
+    bandwidth = max(bandwidth, copy_bandwidth(device))
+    for r in (r for by_model in results.values() for r in by_model.values()):
+        r["roofline_tok_s"] = bandwidth / (weights + r["state_bytes"])
+        r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
+
+    table = Table(title=f"Decode tokens/s against context (fp32, {device.type}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights {mb(weights)})")
+    for col in ("context", "lin tok/s", "lin roofline", "lin state", "orig tok/s", "orig roofline", "orig KV", "lin ÷ orig"):
+        table.add_column(col, justify="right")
+    for n, r in results.items():
+        lin, orig = r["linearized"], r.get("original")
+        row = [f"{n:,}", f"{lin['decode_tok_s']:.1f}", f"{100 * lin['roofline_fraction']:.0f}%", mb(lin["state_bytes"])]
+        row += [f"{orig['decode_tok_s']:.1f}", f"{100 * orig['roofline_fraction']:.0f}%", mb(orig["state_bytes"]), f"{lin['decode_tok_s'] / orig['decode_tok_s']:.2f}x"] if orig else ["-"] * 4
+        table.add_row(*row)
+    out.print(table)
+    if loops:
+        lt = Table(title=f"linconv's loop vs transformers generate (greedy, context {args.hf_context})")
+        for col in ("model", "linconv loop tok/s", "transformers generate tok/s", "ratio"):
+            lt.add_column(col, justify="right")
+        for label, r in loops.items():
+            lt.add_row(label, f"{r['linconv_loop_tok_s']:.1f}", f"{r['transformers_generate_tok_s']:.1f}", f"{r['linconv_loop_tok_s'] / r['transformers_generate_tok_s']:.2f}x")
+        out.print(lt)
+    if memory:
+        kv = results[contexts[0]].get("original", {}).get("state_bytes", 0) / contexts[0] * memory["tokens"] if "original" in models else None
+        rss = memory["peak_rss_above_baseline_bytes"]
+        out.print(
+            f"chunked prefill of {memory['tokens']:,} tokens (linearized): peak tensors +{mb(memory['peak_tensor_bytes'])} above the loaded model "
+            f"({memory['peak_tensor_bytes'] / weights:.2f}x the weights' {mb(weights)})"
+            + (f", peak RSS +{mb(rss)} ({rss / weights:.2f}x)" if rss is not None else "")
+            + f"; state {mb(memory['state_bytes'])}; {memory['prefill_tok_s']:.0f} tok/s (profiled)"
+            + (f"; the original's KV cache alone would be ~{mb(kv)}" if kv else "")
+        )
+
+    lo, hi = contexts[0], contexts[-1]
+    summary = {
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine distorts every figure
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weights,
+        "decode": {str(n): r for n, r in results.items()},
+        "linearized_flatness": results[hi]["linearized"]["decode_tok_s"] / results[lo]["linearized"]["decode_tok_s"],
+        "linearized_over_original_at_max_context": (
+            results[hi]["linearized"]["decode_tok_s"] / results[hi]["original"]["decode_tok_s"] if "original" in models else None
+        ),
+        "loop_vs_transformers": loops,
+        "prefill_memory": memory,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

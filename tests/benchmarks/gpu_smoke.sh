@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# GPU smoke test (run by hand on a CUDA machine; about 3-5 minutes on one GPU):
+# convert the built-in SmolLM2-135M-Instruct, then `linconv bench` it against the original on CUDA
+# in bf16. Prints the bench tables, then one JSON line with the headline figures.
+#   bash tests/benchmarks/gpu_smoke.sh [OUTDIR]
+set -euo pipefail
+OUT="${1:-$(mktemp -d -t linconv-gpu-smoke.XXXXXX)}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"  # the Python whose environment has linconv (and its `linconv` command on PATH)
+
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
+
+time linconv convert "$OUT/ckpt" --device cuda --dtype bf16 --overwrite
+
+# A 2 GiB cap on device memory so the original hits its limit within seconds; the linearized model
+# should reach the 256K cap. Contexts up to 16K show the decode curve.
+time linconv bench "$OUT/ckpt" --device cuda --dtype bf16 \
+    --memory-budget 2 --max-len-cap 262144 --trial-timeout 60 --granularity 4096 \
+    --contexts 256,2048,8192,16384 --decode-tokens 32 --repeats 2 --ppl-tokens 65536 \
+    --json "$OUT/bench.json" --plot "$OUT/bench.png"
+
+"$PY" - "$OUT/bench.json" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+ppl, ml, sp = d["perplexity"], d["max_length"], d["speed"]
+pick = lambda role: {p["context"]: round(p["decode_tokens_per_s"], 1) for p in sp[role]}
+print(json.dumps({
+    "status": d["status"],
+    "ppl": {r: round(ppl[r]["perplexity"], 2) for r in ("original", "linearized")},
+    "maxlen_generate": {r: [ml["generate"][r]["max_length"], ml["generate"][r]["bound"]] for r in ("original", "linearized")},
+    "maxlen_forward": {r: [ml["forward"][r]["max_length"], ml["forward"][r]["bound"]] for r in ("original", "linearized")},
+    "decode_tok_s": {r: pick(r) for r in ("original", "linearized")},
+    "leaks": d["leakage"]["leaks"],
+}))
+PYEOF
+echo "files: $OUT/bench.json $OUT/bench.png"
