@@ -252,7 +252,7 @@ def _groups(model, rows_ids: list[list[int]], rows: list[_Row], device):
             yield torch.tensor([r], device=device), None, model.new_cache(), [row], i
 
 
-def _default_stop_ids(model) -> set[int]:
+def default_stop_ids(model) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
@@ -298,7 +298,7 @@ def generate(
     if stop_strings and tokenizer is None:
         raise LinconvError("stop strings need a tokenizer")
     _check_prompts(rows_ids, model, ignore_context_limit)
-    stop_ids = _default_stop_ids(model) if stop_token_ids is None else set(stop_token_ids)
+    stop_ids = default_stop_ids(model) if stop_token_ids is None else set(stop_token_ids)
     limit = None if ignore_context_limit else context_limit(model)
 
     def new_row(n: int) -> _Row:

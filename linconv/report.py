@@ -339,3 +339,12 @@ def write_plot(result, path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def speculative_line(result) -> str:
+    """The last line of ``linconv generate --spec-decode``."""
+    return (
+        f"{len(result.tokens)} tokens in {result.steps} steps ({result.mean_tokens_per_step:.2f} per step), "
+        f"{result.tokens_per_s:.1f} tok/s, acceptance {result.acceptance_rate:.0%}, "
+        f"accepted per step {result.histogram}, prefill {result.prefill_s:.2f} s"
+    )

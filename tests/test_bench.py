@@ -132,27 +132,33 @@ def test_search_below_the_start():
     assert search_max_length(trial, start=1024, cap=4096, granularity=64).max_length == 0
 
 
-def test_trial_processes_are_killed_past_memory_and_time_limits(tmp_path):
+def test_trial_processes_memory_and_time_limits(tmp_path):
     """Real child processes (run side by side to save time):
 
     - memory: the child loads the model, starts working and is killed once its RSS passes the budget.
       The budget is this test process's RSS + 300 MiB: a child has imported the same libraries, so it
       loads under it; its forward at 8K tokens then needs ~800 MiB for the wide MLP;
+    - a trial that fits reports its own peak, not this (deliberately bloated) parent's;
     - time: the limit counts from the end of loading; a trial past it is killed and reported;
     - a budget below the loaded model is a one-line LinconvError, not a result.
     """
     save_tiny("llama", tmp_path / "wide", hidden_size=64, intermediate_size=8192, num_attention_heads=4, num_key_value_heads=4)
     budget = maxlen_mod.process_rss(os.getpid()) + 300 * 2**20
+    bloat = torch.ones(2**28)  # 1 GiB resident in the parent while the children start
+    parent_rss = maxlen_mod.process_rss(os.getpid())
     memory = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=budget, timeout_s=120, threads=1)
+    fits = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=64 * GIB, timeout_s=120, threads=1)
     slow = ProcessTrial(tmp_path / "wide", "generate", budget_bytes=64 * GIB, timeout_s=0.0, threads=1)
     tiny = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=32 * 2**20, timeout_s=60, threads=1)
-    with ThreadPoolExecutor(3) as pool:
-        big, late, small = pool.submit(memory, 8192), pool.submit(slow, 4096), pool.submit(tiny, 64)
-        big, late = big.result(), late.result()
+    with ThreadPoolExecutor(4) as pool:
+        big, ok, late, small = pool.submit(memory, 8192), pool.submit(fits, 64), pool.submit(slow, 4096), pool.submit(tiny, 64)
+        big, ok, late = big.result(), ok.result(), late.result()
         with pytest.raises(LinconvError, match="smaller than the model"):
             small.result()
+    del bloat
     assert 0 < memory.loaded_bytes < budget
     assert big.outcome == "memory" and big.peak_bytes > budget
+    assert ok.outcome == "ok" and fits.loaded_bytes <= ok.peak_bytes < fits.loaded_bytes + 256 * 2**20 < parent_rss
     assert late.outcome == "time" and slow.loaded_bytes > 0
 
 

@@ -169,3 +169,12 @@ def test_attention_transfer_mode_returns_teacher_and_loss():
     out = model(ids, use_cache=False).logits
     torch.testing.assert_close(out, base(ids, use_cache=False).logits, atol=1e-5, rtol=1e-4)
     assert all(m.transfer_loss is not None and m.transfer_loss.item() > 0 for m in attns)
+
+
+def test_transformers_generate_refuses_padded_batches():
+    model = converted("llama")
+    ids = torch.randint(4, 90, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(LinconvError, match="padded"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)

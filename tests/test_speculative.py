@@ -109,3 +109,64 @@ def test_bad_speculative_input_is_refused():
         speculative_generate(model, [], None)
     with pytest.raises(LinconvError, match="> 0"):
         speculative_generate(model, PROMPT, None, max_new_tokens=0)
+
+
+def test_medusa_tree_gives_greedy_output_and_checks_widths():
+    from linconv.speculative.drafts import MedusaDraft
+    from linconv.speculative.medusa import MedusaHeads
+
+    model = converted("llama", group_size=4, conv_kernel=5)
+    heads = MedusaHeads.for_model(model, num_heads=3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    truth = greedy(model, 16)
+    result = speculative_generate(model, PROMPT, MedusaDraft(heads, [3, 2, 2]), max_new_tokens=16)
+    assert result.tokens == truth and max(result.offered) == 3
+    with pytest.raises(LinconvError, match="positive"):
+        MedusaDraft(heads, [2, 0])
+    with pytest.raises(LinconvError, match="3 Medusa heads"):
+        MedusaDraft(heads, [1, 1, 1, 1])
+
+
+def test_spec_bench_point_reports_identical_output_and_acceptance():
+    from linconv.bench.speculative import spec_decode_point, spec_prompts
+
+    model = converted("llama", group_size=4)
+    prompts = spec_prompts(list(range(4, 60)) * 4, length=40)
+    point = spec_decode_point(model, "linearized", "grounded", prompts["grounded"], PromptLookup(num_tokens=4), new_tokens=12)
+    assert point.identical and point.new_tokens == 12 and 0 <= point.acceptance_rate <= 1
+    assert sum(point.histogram.values()) >= 1 and point.to_dict()["speedup"] > 0
+
+
+def test_generate_cli_speculative(tmp_path):
+    from conftest import save_tiny
+    from typer.testing import CliRunner
+
+    from linconv.checkpoint import save_checkpoint
+    from linconv.cli import app
+
+    save_tiny("llama", tmp_path / "src")
+    from transformers import AutoTokenizer
+
+    save_checkpoint(converted("llama"), AutoTokenizer.from_pretrained(tmp_path / "src"), tmp_path / "lin", card={})
+    runner = CliRunner()
+    args = ["generate", str(tmp_path / "lin"), "--prompt", "the quick brown fox the quick brown", "--max-new-tokens", "6"]
+    plain = runner.invoke(app, args)
+    spec = runner.invoke(app, [*args, "--spec-decode"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert "per step" in spec.output
+    bad = [
+        ([*args, "--spec-decode", "--temperature", "0.5"], "greedy"),
+        ([*args, "--spec-decode", "--draft", "medusa"], "no Medusa heads"),
+        ([*args, "--spec-decode", "--draft", "nope"], "unknown draft"),
+        ([*args, "--spec-decode", "--tree-widths", "0"], "positive"),
+    ]
+    other = AutoTokenizer.from_pretrained(tmp_path / "src")
+    other.add_tokens(["zzzz"])
+    save_tiny("llama", tmp_path / "draft")
+    other.save_pretrained(tmp_path / "draft")
+    bad.append(([*args, "--spec-decode", "--draft", f"model:{tmp_path / 'draft'}"], "does not use the target's tokenizer"))
+    for argv, message in bad:
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1 and message in result.output, (argv, result.output)

@@ -186,10 +186,19 @@ def process_rss(pid: int) -> int:
 
 
 def _peak_self() -> int:
+    """This process's peak RSS in bytes. Linux: VmHWM, the high-water mark of this address space only;
+    ``ru_maxrss`` would not do, since it carries the parent's peak across fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 class ProcessTrial:

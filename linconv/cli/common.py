@@ -9,10 +9,12 @@ from collections.abc import Callable
 import torch
 import typer
 from rich.console import Console
+from transformers.utils import logging as transformers_logging
 
 from linconv.errors import LinconvError
 
 console = Console(stderr=True)
+transformers_logging.disable_progress_bar()  # linconv shows its own progress
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 

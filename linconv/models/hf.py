@@ -29,6 +29,7 @@ from transformers import (
 from linconv.attention.module import LinconvAttention
 from linconv.attention.state import LinconvCache
 from linconv.config import LinearizeConfig
+from linconv.errors import LinconvError
 from linconv.models import get_adapter
 
 
@@ -78,7 +79,14 @@ def _linconv_classes(family: str, config_cls: type, model_cls: type) -> tuple[ty
             return LinconvCache(self.config.num_hidden_layers)
 
         def generate(self, *args, **kwargs):
-            """transformers' generate, decoding from a LinconvCache unless one is given."""
+            """transformers' generate, decoding from a LinconvCache unless one is given.
+
+            Padding would enter the recurrent state, so padded batches are refused: use
+            ``linconv.generate.generate``, which runs prompts of different lengths separately.
+            """
+            mask = kwargs.get("attention_mask")
+            if mask is not None and not bool(mask.all()):
+                raise LinconvError("a linconv model cannot decode padded batches with model.generate; use linconv.generate.generate")
             if kwargs.get("cache") is None:
                 kwargs["cache"] = self.new_cache()
             return super().generate(*args, **kwargs)

@@ -7,7 +7,9 @@ It returns a list of token paths that continue the context; the caller merges th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -95,3 +97,31 @@ class DraftModel:
 def same_tokenizer(a, b) -> bool:
     """Drafts must share the target's vocabulary token for token."""
     return a.get_vocab() == b.get_vocab()
+
+
+def make_draft(spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)):
+    """The draft named by ``spec``: ``lookup``, ``medusa`` (heads saved in ``checkpoint`` by
+    ``linconv finetune --medusa-heads``) or ``model:PATH`` (a linconv folder or any causal LM with
+    the same tokenizer)."""
+    if spec == "lookup":
+        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0] if tree_widths else 1)
+    if spec == "medusa":
+        from linconv.speculative.medusa import load_medusa
+
+        if checkpoint is None:
+            raise LinconvError("--draft medusa needs a checkpoint fine-tuned with --medusa-heads")
+        return MedusaDraft(load_medusa(checkpoint, model), tree_widths)
+    if spec.startswith("model:"):
+        import linconv
+        from linconv.models import ADAPTERS
+        from linconv.sources import load_source
+
+        path = spec.removeprefix("model:")
+        device, dtype = next(model.parameters()).device, model.dtype
+        config = Path(path) / "config.json"
+        linconv_folder = config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("linconv-")
+        draft, draft_tokenizer = linconv.load(path, dtype=dtype, device=device) if linconv_folder else load_source(path, ADAPTERS, dtype=dtype, device=device)
+        if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
+            raise LinconvError(f"the draft model {path} does not use the target's tokenizer")
+        return DraftModel(draft, num_tokens=draft_tokens)
+    raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa or model:PATH")
