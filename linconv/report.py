@@ -320,8 +320,9 @@ def write_plot(result, path) -> bool:
             bad = [t for t in trials if t.outcome != "ok"]
             axes[2].plot([t.length for t in ok], [t.peak_bytes / 2**20 for t in ok], "s", color=colors[role], alpha=0.6,
                          label=f"{role}: peak, prefill+generate (ok)")
-            axes[2].plot([t.length for t in bad], [t.peak_bytes / 2**20 for t in bad], "x", color=colors[role],
-                         label=f"{role}: peak at failure")
+            if bad:
+                axes[2].plot([t.length for t in bad], [t.peak_bytes / 2**20 for t in bad], "x", color=colors[role],
+                             label=f"{role}: peak at failure")
     budget = next((r.budget_bytes for pair in ml.values() for r in pair.values() if r.budget_bytes), None) if ml else None
     if budget:
         axes[2].axhline(budget / 2**20, color="gray", ls="--", lw=1, label="memory budget")

@@ -332,27 +332,39 @@ def _maxlen(result: BenchResult, models, s: BenchSettings, device, progress: Pro
         else:
             say("saving the models for the max-length trial processes…")
             folders = {role: _model_folder(m, given.get(role), stack) for role, m in models}
-        for mode in MODES:
-            for role, m in models:
-                label = f"max length ({mode}) · {role}"
-                kwargs = dict(timeout_s=s.trial_timeout_s, new_tokens=s.maxlen_new_tokens, prefill_chunk=s.prefill_chunk)
-                if device.type == "cuda":
-                    runner = CudaTrial(m, mode, **kwargs)
-                else:
-                    dtype = str(next(m.parameters()).dtype).removeprefix("torch.")
-                    runner = ProcessTrial(folders[role], mode, budget_bytes=budget, dtype=dtype, threads=s.threads, **kwargs)
-                count = [0]
+        for role, m in models:
+            with ExitStack() as alone:
+                if device.type == "cuda":  # the budget is this model's alone: park the others in CPU memory
+                    for other_role, other in models:
+                        if other_role != role:
+                            other.to("cpu")
+                            alone.callback(other.to, device)
+                    torch.cuda.empty_cache()
+                for mode in MODES:
+                    result.max_length.setdefault(mode, {})[role] = _search(role, m, mode, s, device, budget, progress, folders if device.type != "cuda" else None)
 
-                def trial(n: int, runner=runner, label=label, count=count):
-                    progress(label, count[0], None, f"trying {n:,} tokens")
-                    r = runner(n)
-                    count[0] += 1
-                    progress(label, count[0], None, f"{n:,} tokens: {r.outcome}")
-                    return r
 
-                found = max_length(
-                    trial, mode, start=min(s.max_len_start, s.max_len_cap), cap=s.max_len_cap, granularity=s.granularity,
-                    timeout_s=s.trial_timeout_s, budget_bytes=budget, new_tokens=s.maxlen_new_tokens,
-                )
-                found.loaded_bytes = runner.loaded_bytes
-                result.max_length.setdefault(mode, {})[role] = found
+def _search(role: str, m: nn.Module, mode: str, s: BenchSettings, device, budget, progress: Progress, folders) -> MaxLenResult:
+    label = f"max length ({mode}) · {role}"
+    kwargs = dict(timeout_s=s.trial_timeout_s, new_tokens=s.maxlen_new_tokens, prefill_chunk=s.prefill_chunk)
+    if device.type == "cuda":
+        runner = CudaTrial(m, mode, **kwargs)
+    else:
+        dtype = str(next(m.parameters()).dtype).removeprefix("torch.")
+        runner = ProcessTrial(folders[role], mode, budget_bytes=budget, dtype=dtype, threads=s.threads, **kwargs)
+    count = [0]
+
+    def trial(n: int):
+        progress(label, count[0], None, f"trying {n:,} tokens")
+        r = runner(n)
+        count[0] += 1
+        progress(label, count[0], None, f"{n:,} tokens: {r.outcome}")
+        return r
+
+    found = max_length(
+        trial, mode, start=min(s.max_len_start, s.max_len_cap), cap=s.max_len_cap, granularity=s.granularity,
+        timeout_s=s.trial_timeout_s, budget_bytes=budget, new_tokens=s.maxlen_new_tokens,
+    )
+    found.loaded_bytes = runner.loaded_bytes
+    progress(label, count[0], count[0], f"{found.max_length:,} tokens ({found.bound})")  # a total ends the bar's clock
+    return found
