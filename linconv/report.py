@@ -200,9 +200,22 @@ def decode_chart(result, width: int = 40) -> str | None:
     return "\n".join(lines)
 
 
+def spec_table(result) -> Table | None:
+    """Speculative decoding (prompt lookup) vs plain greedy decoding, per model and prompt kind."""
+    if not result.spec:
+        return None
+    table = Table(title=f"Speculative decoding (prompt lookup, greedy, {result.spec[0].new_tokens} new tokens)")
+    for col in ("model", "prompt", "plain tok/s", "spec tok/s", "speedup", "acceptance", "tokens/step", "accepted per step", "identical"):
+        table.add_column(col, justify="left" if col in ("model", "prompt", "accepted per step") else "right")
+    for p in result.spec:
+        table.add_row(p.model, p.prompt, f"{p.plain_tokens_per_s:.1f}", f"{p.spec_tokens_per_s:.1f}", f"{p.speedup:.2f}×",
+                      f"{p.acceptance_rate:.0%}", f"{p.mean_tokens_per_step:.2f}", str(p.histogram), "yes" if p.identical else "[red]NO[/]")
+    return table
+
+
 def print_bench(result) -> None:
     """Every table of a bench result that has data, then the chart."""
-    for table in (bench_header_table(result), leakage_table(result), perplexity_table(result), speed_table(result), maxlen_table(result)):
+    for table in (bench_header_table(result), leakage_table(result), perplexity_table(result), speed_table(result), spec_table(result), maxlen_table(result)):
         if table is not None:
             stdout.print(table)
     chart = decode_chart(result)
@@ -247,6 +260,7 @@ def bench_json(result) -> dict:
         "max_length": None,
         "speed": None,
         "leakage": None,
+        "spec": [p.to_dict() for p in result.spec] or None,
         "completed": list(result.completed),
         "errors": list(result.errors),
     }

@@ -177,9 +177,9 @@ class FakeTrial:
 
 
 EXPECTED_KEYS = {
-    "": ["completed", "created", "environment", "errors", "leakage", "max_length", "models", "perplexity", "schema_version", "settings", "speed", "status", "text"],
+    "": ["completed", "created", "environment", "errors", "leakage", "max_length", "models", "perplexity", "schema_version", "settings", "spec", "speed", "status", "text"],
     "settings": ["baseline", "checkpoint", "contexts", "decode_tokens", "device", "dtype", "granularity", "max_len_cap", "max_len_start",
-                 "maxlen_new_tokens", "memory_budget_gib", "ppl_tokens", "ppl_window", "prefill_chunk", "repeats", "tasks", "text", "threads", "trial_timeout_s"],
+                 "maxlen_new_tokens", "memory_budget_gib", "ppl_tokens", "ppl_window", "prefill_chunk", "repeats", "spec_tokens", "tasks", "text", "threads", "trial_timeout_s"],
     "environment": ["cpu_count", "device", "device_name", "dtype", "linconv", "platform", "python", "threads", "torch", "transformers"],
     "perplexity": ["linearized", "original", "ratio", "scored", "tokens", "window", "windows"],
     "perplexity.original": ["nll", "perplexity", "seconds", "tokens_per_s"],
@@ -284,3 +284,16 @@ def test_baseline_none_and_the_no_baseline_tables(folders, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["models"]["original"] is None and data["perplexity"]["original"] is None and data["perplexity"]["ratio"] is None
+
+
+def test_spec_decode_section(folders, tmp_path):
+    out = tmp_path / "s.json"
+    res = runner.invoke(app, ["bench", str(folders["ckpt"]), "--text", str(folders["text"]), *FAST, "--tasks", "leakage",
+                              "--spec-decode", "--spec-tokens", "6", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Speculative decoding" in res.output
+    spec = json.loads(out.read_text())["spec"]
+    assert {(p["model"], p["prompt"]) for p in spec} == {(m, k) for m in ("original", "linearized") for k in ("grounded", "open")}
+    assert all(p["identical"] and p["new_tokens"] == 6 for p in spec)
+    bad = runner.invoke(app, ["bench", str(folders["ckpt"]), *FAST, "--tasks", "leakage", "--spec-decode", "--spec-tokens", "0"])
+    assert bad.exit_code == 1 and "--spec-tokens must be > 0" in bad.output

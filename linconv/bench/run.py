@@ -31,12 +31,15 @@ from torch import nn
 from linconv.bench.leakage import LeakageResult, leakage_check
 from linconv.bench.maxlen import GIB, MODES, CudaTrial, MaxLenResult, ProcessTrial, cuda_budget, max_length
 from linconv.bench.perplexity import PerplexityResult, perplexity
+from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
+from linconv.speculative.drafts import PromptLookup
 from linconv.errors import LinconvError
 
 SCHEMA_VERSION = 1
-TASKS = ("ppl", "maxlen", "speed", "leakage")
-ORDER = ("leakage", "ppl", "speed", "maxlen")  # run order: cheapest first, the long search last
+TASKS = ("ppl", "maxlen", "speed", "leakage", "spec")
+DEFAULT_TASKS = ("ppl", "maxlen", "speed", "leakage")  # spec: `linconv bench --spec-decode`
+ORDER = ("leakage", "ppl", "speed", "spec", "maxlen")  # run order: cheapest first, the long search last
 DEFAULT_SOURCE = "default:SmolLM2-135M-Instruct"
 ROLES = ("original", "linearized")
 
@@ -63,7 +66,7 @@ class BenchSettings:
     checkpoint: str | None = None  # a linconv folder; None: convert the default model now
     baseline: str | None = "auto"  # "auto": the checkpoint's source; "none": no baseline; or a path / hub id
     text: str | None = None  # file, folder, datasets name, or a built-in split ("heldout", "britannica")
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     device: str = "cpu"  # a torch device ("cpu", "cuda", "cuda:1"); the CLI resolves "auto"
     dtype: str | None = None  # fp32, bf16, fp16; None: fp32 for a fresh conversion, else the checkpoint's own
     memory_budget_gib: float | None = None  # CPU: RSS budget of one max-length trial; CUDA: cap on device memory
@@ -77,6 +80,7 @@ class BenchSettings:
     repeats: int | None = None
     prefill_chunk: int | None = None  # prompt tokens per forward in speed and max-length prefill
     ppl_window: int = 1024
+    spec_tokens: int = 64  # tokens generated per speculative-decoding measurement
     ppl_tokens: int | None = None  # 0: the whole text
     threads: int | None = None
 
@@ -110,6 +114,8 @@ class BenchSettings:
             raise LinconvError(f"--ppl-window must be at least 2 tokens, got {out.ppl_window}")
         if out.ppl_tokens is not None and out.ppl_tokens < 0:
             raise LinconvError(f"--ppl-tokens must be >= 0 (0: the whole text), got {out.ppl_tokens}")
+        if out.spec_tokens <= 0:
+            raise LinconvError(f"--spec-tokens must be > 0, got {out.spec_tokens}")
         if out.decode_tokens < 2:
             raise LinconvError(f"--decode-tokens must be at least 2, got {out.decode_tokens}")
         return out
@@ -125,6 +131,7 @@ class BenchResult:
     max_length: dict[str, dict[str, MaxLenResult]] = field(default_factory=dict)  # mode -> role -> result
     speed: dict[str, SpeedResult] = field(default_factory=dict)  # role -> result
     leakage: LeakageResult | None = None  # the linearized model only
+    spec: list[SpecPoint] = field(default_factory=list)  # model x prompt kind
     completed: list[str] = field(default_factory=list)  # tasks finished
     errors: list[dict] = field(default_factory=list)  # {"task", "message"}
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -252,9 +259,9 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
         raise LinconvError(f"the checkpoint and the baseline {base_name} use different tokenizers; their perplexities are not comparable (pass --baseline with the original model, or --baseline none)")
 
     tokens = None
-    if "ppl" in s.tasks:
+    if "ppl" in s.tasks or "spec" in s.tasks:
         if tok is None:
-            raise LinconvError(f"{name} has no tokenizer files, needed for perplexity; save them into the folder or drop ppl from --tasks")
+            raise LinconvError(f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop ppl/spec from --tasks")
         say("reading the text…")
         spec, split = (None, s.text) if s.text in SPLITS else (s.text, "heldout")
         text = load_text(spec, split)
@@ -276,6 +283,7 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
         "leakage": lambda: _leakage(result, model, progress),
         "ppl": lambda: _perplexity(result, both(), tokens, s, progress),
         "speed": lambda: _speed(result, both(), s, progress),
+        "spec": lambda: _spec(result, both(), tokens, s, progress),
         "maxlen": lambda: _maxlen(result, both(), s, device, progress, say, {"linearized": s.checkpoint, "original": base_name}),
     }
     for task in ORDER:
@@ -321,6 +329,16 @@ def _speed(result: BenchResult, models, s: BenchSettings, progress: Progress) ->
             m, s.contexts, decode_tokens=s.decode_tokens, repeats=s.repeats, prefill_chunk=s.prefill_chunk,
             progress=lambda done, total, label=label: progress(label, done, total, ""),
         )
+
+
+def _spec(result: BenchResult, models, tokens, s: BenchSettings, progress: Progress) -> None:
+    prompts = spec_prompts(tokens.tolist())
+    for role, m in models:
+        label = f"speculative · {role}"
+        for i, (kind, prompt) in enumerate(prompts.items()):
+            progress(label, i, len(prompts), kind)
+            result.spec.append(spec_decode_point(m, role, kind, prompt, PromptLookup(num_tokens=8, max_candidates=4), s.spec_tokens))
+        progress(label, len(prompts), len(prompts), "done")
 
 
 def _maxlen(result: BenchResult, models, s: BenchSettings, device, progress: Progress, say, given: dict) -> None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from linconv.errors import LinconvError
 from linconv.generate import generate
 from linconv.speculative.decode import speculative_generate
 
@@ -40,6 +41,9 @@ class SpecPoint:
 def spec_prompts(tokens: list[int], length: int = 384) -> dict[str, list[int]]:
     """Token prompts from held-out text: a passage followed by its own first half (grounded), and
     the next stretch of text alone (open)."""
+    length = min(length, len(tokens) // 2)
+    if length < 2:
+        raise LinconvError(f"the text has {len(tokens)} tokens, too few for speculative-decoding prompts")
     passage = tokens[:length]
     return {"grounded": passage + passage[: length // 2], "open": tokens[length : 2 * length]}
 

@@ -23,7 +23,7 @@ def bench_command(
     checkpoint: str | None = typer.Argument(None, help="A linconv checkpoint folder (default: a fresh conversion of the built-in SmolLM2-135M-Instruct)."),
     baseline: str = typer.Option("auto", help="The original model to compare with: a folder, hub id or .gguf; 'auto' (the checkpoint's source) or 'none'."),
     text: str | None = typer.Option(None, help="Perplexity text: a file, a folder of .txt, a datasets name, or a built-in split (heldout, britannica). Default: heldout."),
-    tasks: str = typer.Option("ppl,maxlen,speed,leakage", help="Comma-separated tasks: ppl, maxlen, speed, leakage."),
+    tasks: str = typer.Option("ppl,maxlen,speed,leakage", help="Comma-separated tasks: ppl, maxlen, speed, leakage (and spec, which --spec-decode adds)."),
     memory_budget: float | None = typer.Option(None, help=f"Max-length memory budget in GiB: on CPU the RSS of each trial process, on CUDA a cap on device memory ({_d('memory_budget_gib')})."),
     max_len_cap: int | None = typer.Option(None, help=f"Longest length the max-length search tries ({_d('max_len_cap')})."),
     trial_timeout: float | None = typer.Option(None, help=f"Seconds one max-length trial may work, model loading excluded ({_d('trial_timeout_s')})."),
@@ -34,6 +34,8 @@ def bench_command(
     prefill_chunk: int | None = typer.Option(None, help=f"Prompt tokens per prefill forward, for speed and max length ({_d('prefill_chunk')})."),
     ppl_window: int = typer.Option(1024, help="Tokens per perplexity window (non-overlapping)."),
     ppl_tokens: int | None = typer.Option(None, help=f"Tokens of the text used for perplexity, 0 for all ({_d('ppl_tokens')})."),
+    spec_decode: bool = typer.Option(False, "--spec-decode", help="Also measure greedy speculative decoding (prompt lookup) vs plain decoding, on grounded and open prompts."),
+    spec_tokens: int = typer.Option(64, help="Tokens generated per speculative-decoding measurement."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure and the settings here (also after a failed task)."),
     plot: Path | None = typer.Option(None, help="Write a PNG of tokens/s and memory against context length."),
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -49,10 +51,10 @@ def bench_command(
     if plot is not None and plot.suffix.lower() != ".png":
         raise LinconvError(f"--plot must name a .png file, got {plot}")
     settings = BenchSettings(
-        checkpoint=checkpoint, baseline=baseline, text=text, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        checkpoint=checkpoint, baseline=baseline, text=text, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) + (("spec",) if spec_decode else ()),
         device=str(parse_device(device)), dtype=dtype, memory_budget_gib=memory_budget, max_len_cap=max_len_cap,
         trial_timeout_s=trial_timeout, granularity=granularity, contexts=contexts, decode_tokens=decode_tokens,
-        repeats=repeats, prefill_chunk=prefill_chunk, ppl_window=ppl_window, ppl_tokens=ppl_tokens, threads=threads,
+        repeats=repeats, prefill_chunk=prefill_chunk, ppl_window=ppl_window, ppl_tokens=ppl_tokens, threads=threads, spec_tokens=spec_tokens,
     )
     settings.resolve()  # bad options fail before any model is loaded
 
