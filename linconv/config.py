@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
+
 from linconv.attention.variants import DEFAULT_VARIANT, get_variant
 from linconv.errors import LinconvError
 
 FORMAT_VERSION = 1
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``fp32``/``bf16``/``fp16`` (or their long names) -> torch dtype; None stays None."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise LinconvError(f"unknown dtype {name!r}; choose from: fp32, bf16, fp16")
+    return DTYPES[name]
 
 
 @dataclass

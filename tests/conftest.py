@@ -78,6 +78,32 @@ def save_tiny(arch: str, path: str | Path, seed: int = 0, **overrides) -> PreTra
     return model
 
 
+def converted(arch: str = "llama", variant: str = "augmented", seed: int = 0, **options):
+    """A converted tiny model (eos off) whose new parameters are moved away from their (often zero)
+    init, so that tests exercise every term: conv kernels, α, feature maps."""
+    import linconv
+    from linconv.models.hf import linconv_tensor_names
+
+    options = {"group_size": 4, "conv_kernel": 3, **options}
+    model = linconv.convert(tiny_model(arch, seed, eos_token_id=None), linconv.LinearizeConfig(attention=variant, allow_noncausal=True, **options))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name in linconv_tensor_names(model):
+            if name in params:
+                params[name].add_(0.2 * torch.randn(params[name].shape, generator=g))
+    return model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 20x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     """Factory fixture: ``tiny_dir("qwen2")`` saves a tiny model under tmp_path and returns the folder."""

@@ -31,14 +31,6 @@ TEXT = " ".join(["the quick brown fox jumps over the lazy dog. linear attention 
 FAST = ["--ppl-window", "32", "--ppl-tokens", "256", "--contexts", "8,16", "--decode-tokens", "3", "--repeats", "1", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_config, tiny_tokenizer
+from conftest import converted, save_tiny, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -13,38 +13,16 @@ from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
 from linconv.generate import IncrementalDecoder, generate
-from linconv.models.hf import linconv_tensor_names
 
 CAUSAL = [n for n, v in VARIANTS.items() if v.causal]
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 20x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def softmax_model(arch="llama", seed=0, **overrides):
     torch.manual_seed(seed)
     overrides = {"eos_token_id": None, **overrides}
     return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa").eval()
-
-
-def linear_model(arch="llama", variant="augmented", seed=0, **options):
-    """A converted tiny model whose new parameters are moved away from their (often zero) init."""
-    options = {"group_size": 4, "conv_kernel": 3, **options}
-    model = linconv.convert(softmax_model(arch, seed), linconv.LinearizeConfig(attention=variant, **options))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name in linconv_tensor_names(model):
-            if name in params:
-                params[name].add_(0.2 * torch.randn(params[name].shape, generator=g))
-    return model
 
 
 def prompt(n, seed=0):
@@ -58,7 +36,7 @@ def prompt(n, seed=0):
 @torch.inference_mode()
 def test_engine_logits_equal_one_parallel_forward(variant):
     """Chunked prefill (chunks crossing group boundaries) + step decoding == a forward over all tokens."""
-    model = linear_model("llama", variant)
+    model = converted("llama", variant)
     ids = prompt(11)
     res = generate(model, ids, max_new_tokens=8, prefill_chunk=3, keep_logits=True)
     full = model(torch.tensor([ids + res.tokens[0]]), use_cache=False).logits[0]
@@ -71,7 +49,7 @@ def test_engine_logits_equal_one_parallel_forward(variant):
 @pytest.mark.parametrize("variant", ["augmented", "hedgehog"])
 @torch.inference_mode()
 def test_engine_greedy_equals_full_recompute_loop(arch, variant):
-    model = linear_model(arch, variant, keep_softmax_layers=[1])  # a hybrid: one softmax layer kept
+    model = converted(arch, variant, keep_softmax_layers=[1])  # a hybrid: one softmax layer kept
     ids = prompt(9, seed=1)
     seq = torch.tensor([ids])
     for _ in range(10):
@@ -85,7 +63,7 @@ def test_engine_greedy_equals_full_recompute_loop(arch, variant):
 @pytest.mark.parametrize("kind", ["linconv", "softmax"])
 @torch.inference_mode()
 def test_engine_greedy_equals_transformers_generate(kind):
-    model = linear_model("llama") if kind == "linconv" else softmax_model("llama")
+    model = converted("llama") if kind == "linconv" else softmax_model("llama")
     ids = prompt(13, seed=2)
     hf = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     res = generate(model, ids, max_new_tokens=12, prefill_chunk=5)
@@ -96,7 +74,7 @@ def test_engine_greedy_equals_transformers_generate(kind):
 
 @torch.inference_mode()
 def test_prefill_is_chunked_and_computes_last_logits_only():
-    model = linear_model("llama")
+    model = converted("llama")
     seen = {"layer": [], "head": []}
     hooks = [
         model.model.layers[0].register_forward_hook(lambda m, a, o: seen["layer"].append(a[0].shape[1])),
@@ -114,7 +92,7 @@ def test_prefill_is_chunked_and_computes_last_logits_only():
 
 @torch.inference_mode()
 def test_state_size_is_constant_in_context_length():
-    model = linear_model("llama", group_size=64, conv_kernel=32)  # the default model's G and K
+    model = converted("llama", group_size=64, conv_kernel=32)  # the default model's G and K
     sizes = {}
     for n in (1024 + 5, 4096 + 5):  # equal mod G: the same number of buffered tokens in the current group
         res = generate(model, prompt(n), max_new_tokens=3, prefill_chunk=1024)
@@ -127,7 +105,7 @@ def test_state_size_is_constant_in_context_length():
 @torch.inference_mode()
 def test_state_does_not_pin_the_prefill_chunk():
     """The group buffer and conv tail left by a long chunk are copies, not views into the whole chunk."""
-    model = linear_model("llama", group_size=64, conv_kernel=32)
+    model = converted("llama", group_size=64, conv_kernel=32)
     cache = model.new_cache()
     model(torch.tensor([prompt(1000 + 5)]), cache=cache, use_cache=True, logits_to_keep=1)
     for state in cache.states:
@@ -147,7 +125,7 @@ def peak_tensor_bytes(fn) -> int:
 
 
 def test_chunked_prefill_memory_does_not_grow_with_the_prompt():
-    model = linear_model("llama", group_size=64, conv_kernel=32)
+    model = converted("llama", group_size=64, conv_kernel=32)
     peaks = [peak_tensor_bytes(lambda: generate(model, prompt(n), max_new_tokens=1, prefill_chunk=256)) for n in (1024, 4096)]
     assert peaks[1] <= 1.05 * peaks[0], peaks
 
@@ -157,7 +135,7 @@ def test_chunked_prefill_memory_does_not_grow_with_the_prompt():
 
 @torch.inference_mode()
 def test_sampling_with_a_seed_is_reproducible():
-    model = linear_model("llama")
+    model = converted("llama")
     kw = dict(max_new_tokens=20, temperature=1.5, top_k=40, top_p=0.95)
     a, b = (generate(model, prompt(7), seed=123, **kw).tokens for _ in range(2))
     c = generate(model, prompt(7), seed=124, **kw).tokens
@@ -177,7 +155,7 @@ def test_top_p_and_top_k_restrict_the_candidates():
 
 @torch.inference_mode()
 def test_stop_tokens_and_stop_strings():
-    model, tok = linear_model("llama"), tiny_tokenizer()
+    model, tok = converted("llama"), tiny_tokenizer()
     ids = tok("hello world")["input_ids"]
     free = generate(model, ids, max_new_tokens=12, tokenizer=tok)
     text = free.texts[0]
@@ -217,7 +195,7 @@ def test_incremental_decoding_never_splits_a_character():
 @pytest.mark.parametrize("lengths", [(5, 12, 8), (7, 7)])
 @torch.inference_mode()
 def test_batch_equals_each_prompt_alone(kind, lengths):
-    model = linear_model("llama") if kind == "linconv" else softmax_model("llama")
+    model = converted("llama") if kind == "linconv" else softmax_model("llama")
     prompts = [prompt(n, seed=i) for i, n in enumerate(lengths)]
     batch = generate(model, prompts, max_new_tokens=6, prefill_chunk=4)
     alone = [generate(model, p, max_new_tokens=6).tokens[0] for p in prompts]
@@ -227,7 +205,7 @@ def test_batch_equals_each_prompt_alone(kind, lengths):
 
 @torch.inference_mode()
 def test_batch_rows_stop_independently():
-    model = linear_model("llama")
+    model = converted("llama")
     prompts = [prompt(6, seed=0), prompt(6, seed=1)]
     alone = [generate(model, p, max_new_tokens=8).tokens[0] for p in prompts]
     stop = alone[0][2]
@@ -255,7 +233,7 @@ def test_batch_rows_stop_independently():
 def test_bad_arguments_are_linconv_errors(kwargs, message):
     kwargs = {"prompts": [5, 6, 7], **kwargs}
     with pytest.raises(LinconvError, match=message.replace("(", r"\(").replace("]", r"\]")):
-        generate(linear_model("llama"), **kwargs)
+        generate(converted("llama"), **kwargs)
 
 
 def test_softmax_context_limit():
@@ -264,7 +242,7 @@ def test_softmax_context_limit():
         generate(model, prompt(129))
     res = generate(model, prompt(120), max_new_tokens=50)
     assert res.finish_reasons == ["context_limit"] and len(res.tokens[0]) == 8
-    linear = generate(linear_model("llama"), prompt(200), max_new_tokens=3)  # rotary linconv: no limit
+    linear = generate(converted("llama"), prompt(200), max_new_tokens=3)  # rotary linconv: no limit
     assert linear.finish_reasons == ["max_new_tokens"]
 
 
@@ -274,7 +252,7 @@ def test_softmax_context_limit():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "ckpt"
-    save_checkpoint(linear_model("llama"), tiny_tokenizer(), path, card={})
+    save_checkpoint(converted("llama"), tiny_tokenizer(), path, card={})
     return path
 
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_ARCHS, tiny_config
+from conftest import TINY_ARCHS, converted, tiny_config
 from transformers import AutoModelForCausalLM
 
 import linconv
@@ -15,7 +15,6 @@ from linconv.bench.leakage import leakage_check
 from linconv.checkpoint import save_checkpoint
 from linconv.errors import LinconvError
 from linconv.models import get_adapter
-from linconv.models.hf import linconv_tensor_names
 
 CAUSAL = [n for n, v in VARIANTS.items() if v.causal]
 
@@ -24,19 +23,6 @@ def tiny_base(arch, seed=0):
     torch.manual_seed(seed)
     cfg = tiny_config(arch, eos_token_id=None)
     return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def converted(arch, variant="augmented", **options):
-    """A converted tiny model whose new parameters are perturbed away from their (often zero) init."""
-    options = {"group_size": 4, "conv_kernel": 3, **options}
-    model = linconv.convert(tiny_base(arch), linconv.LinearizeConfig(attention=variant, allow_noncausal=True, **options))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name in linconv_tensor_names(model):
-            if name in params:
-                params[name].add_(0.2 * torch.randn(params[name].shape, generator=g))
-    return model
 
 
 def decode_logits(model, ids, prefill):

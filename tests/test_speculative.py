@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_model import CAUSAL, converted
+from conftest import converted, tiny_config
+from test_model import CAUSAL
 from transformers import AutoModelForCausalLM
 
 from linconv.attention.state import new_cache

@@ -34,6 +34,7 @@ from linconv.bench.perplexity import PerplexityResult, perplexity
 from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
 from linconv.speculative.drafts import PromptLookup
+from linconv.config import parse_dtype
 from linconv.errors import LinconvError
 
 SCHEMA_VERSION = 1
@@ -141,16 +142,7 @@ class BenchResult:
         return "failed" if self.errors else "complete" if set(self.completed) >= set(self.settings.tasks) else "partial"
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise LinconvError(f"unknown dtype {name!r}; choose from: fp32, bf16, fp16")
-    return DTYPES[name]
 
 
 def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:

@@ -15,7 +15,6 @@ from linconv.errors import LinconvError
 
 console = Console(stderr=True)
 transformers_logging.disable_progress_bar()  # linconv shows its own progress
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def fail(message: str, code: int = 1):
@@ -38,13 +37,6 @@ def friendly(fn: Callable) -> Callable:
 
     return wrapper
 
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise LinconvError(f"unknown dtype {name!r}; choose from: fp32, bf16, fp16")
-    return DTYPES[name]
 
 
 def parse_device(name: str | None) -> torch.device:

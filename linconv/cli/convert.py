@@ -9,7 +9,8 @@ import torch
 import typer
 
 from linconv.attention.variants import DEFAULT_VARIANT, VARIANTS
-from linconv.cli.common import console, friendly, parse_device, parse_dtype, parse_layers
+from linconv.cli.common import console, friendly, parse_device, parse_layers
+from linconv.config import parse_dtype
 from linconv.errors import LinconvError
 
 VARIANT_HELP = "Attention variant: " + "; ".join(f"{n}: {v.description}" for n, v in VARIANTS.items())

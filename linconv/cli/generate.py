@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from linconv.cli.common import console, friendly, parse_device, parse_dtype
+from linconv.cli.common import console, friendly, parse_device
+from linconv.config import parse_dtype
 from linconv.errors import LinconvError
 
 
