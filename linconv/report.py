@@ -205,8 +205,8 @@ def spec_table(result) -> Table | None:
     if not result.spec:
         return None
     table = Table(title=f"Speculative decoding (prompt lookup, greedy, {result.spec[0].new_tokens} new tokens)")
-    for col in ("model", "prompt", "plain tok/s", "spec tok/s", "speedup", "acceptance", "tokens/step", "accepted per step", "identical"):
-        table.add_column(col, justify="left" if col in ("model", "prompt", "accepted per step") else "right")
+    for col in ("model", "prompt", "plain tok/s", "spec tok/s", "×", "accept", "tok/step", "draft tokens accepted: steps", "same"):
+        table.add_column(col, justify="left" if col in ("model", "prompt", "draft tokens accepted: steps") else "right")
     for p in result.spec:
         table.add_row(p.model, p.prompt, f"{p.plain_tokens_per_s:.1f}", f"{p.spec_tokens_per_s:.1f}", f"{p.speedup:.2f}×",
                       f"{p.acceptance_rate:.0%}", f"{p.mean_tokens_per_step:.2f}", str(p.histogram), "yes" if p.identical else "[red]NO[/]")
