@@ -136,6 +136,10 @@ class Sampler:
     def __call__(self, logits: Tensor) -> Tensor:
         if self.temperature == 0:
             return logits.argmax(-1)
+        return self.draw(self.probs(logits))
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """The distribution sampled from: softmax(logits / T) restricted to top-k and top-p. [B, V]"""
         logits = logits.float() / self.temperature
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = logits.topk(self.top_k, -1).values[:, -1:]
@@ -145,13 +149,24 @@ class Sampler:
             probs = sorted_logits.softmax(-1)
             drop = probs.cumsum(-1) - probs >= self.top_p  # mass before a token already reaches p; keeps the top one
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        if self.generator is None or self.generator.device != logits.device:
-            self.generator = torch.Generator(logits.device)
+        return logits.softmax(-1)
+
+    def draw(self, probs: Tensor) -> Tensor:
+        """One token per row of ``probs`` [B, V]."""
+        return torch.multinomial(probs, 1, generator=self._generator(probs.device))[:, 0]
+
+    def uniform(self, device) -> float:
+        """A U(0, 1) draw from the same seeded generator (speculative acceptance tests)."""
+        return float(torch.rand((), generator=self._generator(device), device=device))
+
+    def _generator(self, device) -> torch.Generator:
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device)
             if self.seed is not None:
                 self.generator.manual_seed(self.seed)
             else:
                 self.generator.seed()
-        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[:, 0]
+        return self.generator
 
 
 def _sync(device: torch.device) -> None:

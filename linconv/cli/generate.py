@@ -65,7 +65,7 @@ def generate_command(
     stop: list[str] | None = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); the model's eos token always stops."),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template (default: on for the default model, off for a checkpoint)."),
     prefill_chunk: int = typer.Option(2048, help="Prompt tokens per prefill forward (bounds memory on long prompts)."),
-    spec_decode: bool = typer.Option(False, "--spec-decode", help="Greedy speculative decoding: a draft proposes a tree, one forward verifies it."),
+    spec_decode: bool = typer.Option(False, "--spec-decode", help="Speculative decoding: a draft proposes a tree, one forward verifies it (greedy: identical output; sampling: the same distribution)."),
     draft: str = typer.Option("lookup", help="With --spec-decode: lookup (n-grams of the context), medusa (heads from finetune --medusa-heads) or model:PATH."),
     draft_tokens: int = typer.Option(8, help="With --spec-decode: tokens a lookup or draft-model guess runs ahead."),
     tree_widths: str = typer.Option("4,2,2", help="With --spec-decode: candidates per tree depth (medusa), or candidate paths (lookup: first number)."),
@@ -74,7 +74,7 @@ def generate_command(
 ) -> None:
     """Generate text from a linearized checkpoint, streaming it as it comes; a last line gives tokens/s."""
     from linconv import report
-    from linconv.generate import check_options, generate
+    from linconv.generate import Sampler, check_options, generate
 
     text = _prompt_text(prompt, prompt_file)
     check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
@@ -82,7 +82,8 @@ def generate_command(
     ids = _encode(tokenizer, text, checkpoint is None if chat is None else chat, chat is not None)
 
     if spec_decode:
-        return _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, temperature, max_new_tokens, prefill_chunk)
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        return _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, sampler, max_new_tokens, prefill_chunk)
 
     def stream(row: int, token: int, piece: str) -> None:
         if piece:
@@ -96,19 +97,17 @@ def generate_command(
     console.print(report.generation_line(result), highlight=False, soft_wrap=True)
 
 
-def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, temperature, max_new_tokens, prefill_chunk) -> None:
+def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, sampler, max_new_tokens, prefill_chunk) -> None:
     from linconv import report
     from linconv.generate import default_stop_ids
     from linconv.speculative.decode import speculative_generate
     from linconv.speculative.drafts import make_draft
 
-    if temperature > 0:
-        raise LinconvError("--spec-decode is greedy: use --temperature 0")
     try:
         widths = [int(w) for w in tree_widths.split(",")]
     except ValueError:
         raise LinconvError(f"--tree-widths takes comma-separated numbers, got {tree_widths!r}") from None
     drafter = make_draft(draft, model, tokenizer, checkpoint, draft_tokens=draft_tokens, tree_widths=widths)
-    result = speculative_generate(model, ids, drafter, max_new_tokens=max_new_tokens, stop_ids=default_stop_ids(model), prefill_chunk=prefill_chunk)
+    result = speculative_generate(model, ids, drafter, max_new_tokens=max_new_tokens, stop_ids=default_stop_ids(model), prefill_chunk=prefill_chunk, sampler=sampler)
     typer.echo(tokenizer.decode(result.tokens, skip_special_tokens=True))
     console.print(report.speculative_line(result), highlight=False, soft_wrap=True)

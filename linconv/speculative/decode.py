@@ -1,8 +1,8 @@
-"""Greedy speculative decoding: draft a tree, verify it in one pass, commit the accepted path.
+"""Speculative decoding: draft a tree, verify it in one pass, commit the accepted path.
 
 Each step commits at least the target's own next token (the tree's root) plus every draft token
-that matches the target's greedy choice, so the output is exactly greedy decoding's.
-Batch size 1.
+the target accepts: greedily (exact match, so the output is exactly greedy decoding's) or by
+speculative sampling (the output follows the target's sampling distribution). Batch size 1.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from linconv.attention.state import new_cache
 from linconv.errors import LinconvError
 from linconv.speculative.tree import CandidateTree
-from linconv.speculative.verify import accept_greedy, commit, verify
+from linconv.speculative.verify import accept_greedy, accept_sampled, commit, verify
 
 
 @dataclass
@@ -64,9 +64,13 @@ def speculative_generate(
     max_new_tokens: int = 128,
     stop_ids: Sequence[int] = (),
     prefill_chunk: int = 2048,
+    sampler=None,
 ) -> SpecResult:
-    """Greedy decoding of ``prompt`` (token ids) with ``draft`` proposals; ``draft=None`` is plain
-    greedy decoding through the same verification path (a one-node tree per step)."""
+    """Decoding of ``prompt`` (token ids) with ``draft`` proposals; ``draft=None`` decodes through
+    the same verification path with a one-node tree per step. Greedy by default (output identical to
+    greedy decoding); with a ``linconv.generate.Sampler`` of temperature > 0, speculative sampling
+    (``accept_sampled``): the tokens follow the sampler's distribution exactly."""
+    sampling = sampler is not None and sampler.temperature > 0
     if not prompt:
         raise LinconvError("the prompt is empty")
     if max_new_tokens <= 0:
@@ -81,14 +85,17 @@ def speculative_generate(
     logits: Tensor = model.get_output_embeddings()(hidden).float()
     _sync(device)
     result = SpecResult([], time.perf_counter() - start, 0.0, 0)
-    context, past = list(prompt), len(prompt)
+    context, past, next_root = list(prompt), len(prompt), None
     start = time.perf_counter()
     while len(result.tokens) < max_new_tokens:
-        root = int(logits.argmax())
+        if next_root is not None:
+            root = next_root
+        else:
+            root = int(sampler.draw(sampler.probs(logits[None]))) if sampling else int(logits.argmax())
         paths = draft.propose(context + [root], hidden) if draft is not None else []
         tree = CandidateTree.from_paths(root, paths)
         hiddens, tree_logits = verify(model, cache, tree, past)
-        path = accept_greedy(tree, tree_logits)
+        path, next_root = accept_sampled(tree, tree_logits, sampler) if sampling else (accept_greedy(tree, tree_logits), None)
         commit(model, cache, past, path)
         new = [tree.tokens[n] for n in path]
         past += len(path)

@@ -52,6 +52,28 @@ def accept_greedy(tree: CandidateTree, logits: Tensor) -> list[int]:
         path.append(child)
 
 
+def accept_sampled(tree: CandidateTree, logits: Tensor, sampler) -> tuple[list[int], int]:
+    """Speculative sampling over a tree of deterministic guesses: the accepted path, and the token
+    drawn where it stops (the next step's root).
+
+    At each accepted node with target distribution p, the children are tried in turn: child c is
+    accepted with probability p(c); if rejected, p loses c and is renormalised (the residual of a
+    point-mass proposal). When every child is rejected the next token is drawn from what is left, so
+    every emitted token follows the target distribution exactly.
+    """
+    path = [0]
+    while True:
+        p = sampler.probs(logits[path[-1]][None])[0]
+        for token, child in tree.children(path[-1]).items():
+            if sampler.uniform(p.device) < float(p[token]):
+                path.append(child)
+                break
+            p[token] = 0.0
+            p = p / p.sum()
+        else:
+            return path, int(sampler.draw(p[None]))
+
+
 def commit(model: nn.Module, cache, past: int, path: list[int]) -> None:
     """Advance ``cache`` (which has seen ``past`` tokens) by the accepted tree nodes ``path``."""
     index = torch.tensor([past + n for n in path], device=next(model.parameters()).device)
