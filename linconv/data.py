@@ -104,3 +104,13 @@ def windows(tokens: Tensor, length: int, max_tokens: int | None = None) -> Tenso
     if n == 0:
         raise LinconvError(f"the text has {tokens.numel()} tokens, fewer than one window of {length}")
     return tokens[: n * length].view(n, length)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers turn text into the same ids (same vocabulary and same encoding)."""
+    if a is None or b is None:
+        return a is b
+    if a.get_vocab() != b.get_vocab():
+        return False
+    sample = "Linear attention, 2024: naïve “quotes” — tabs\tand  spaces.\nThe END."
+    return a(sample, add_special_tokens=False)["input_ids"] == b(sample, add_special_tokens=False)["input_ids"]

@@ -38,15 +38,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from linconv.errors import LinconvError
+from linconv.loss import lm_loss, model_parts
 
 STAGES = ("transfer", "lora", "medusa")
-LOGITS_BUDGET = 2**24  # logits elements per chunk (64 MB in fp32)
 PRECISIONS = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 # options that do not change what is trained: they may differ between a run and its resume
 _NOT_FINGERPRINTED = {"eval_every", "eval_windows", "eval_text", "save_every", "merge", "gradient_checkpointing"}
@@ -150,43 +148,6 @@ class Reporter:
 
 # ---------------------------------------------------------------------------------------------
 # losses and evaluation
-
-
-def chunked_nll(hidden: Tensor, targets: Tensor, head: nn.Module, chunk_tokens: int | None = None) -> Tensor:
-    """Σ cross-entropy (fp32) of ``head(hidden)`` against ``targets``: hidden [N, D], targets [N].
-
-    Logits are made ``chunk_tokens`` rows at a time (default: LOGITS_BUDGET / vocab); under autograd
-    each chunk is recomputed in backward instead of kept, so full [N, V] logits never exist.
-    """
-    chunk = chunk_tokens or max(1, LOGITS_BUDGET // head.weight.shape[0])
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, hidden.shape[0], chunk):
-        h, t = hidden[s : s + chunk], targets[s : s + chunk]
-        if need_grad and hidden.shape[0] > chunk:
-            total = total + grad_checkpoint(_nll_sum, h, t, head, use_reentrant=False)
-        else:
-            total = total + _nll_sum(h, t, head)
-    return total
-
-
-def _nll_sum(h: Tensor, t: Tensor, head: nn.Module) -> Tensor:
-    return F.cross_entropy(head(h).float(), t, reduction="sum")
-
-
-def model_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(decoder without output head, output head) of a causal LM, peft-wrapped or not."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
-
-
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``model`` on ids [B, T], from hidden states in chunks."""
-    decoder, head = model_parts(model)
-    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [B, T, D]
-    targets = ids[:, 1:].reshape(-1)
-    return chunked_nll(hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets, head) / targets.numel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,9 +715,7 @@ __all__ = [
     "FinetuneResult",
     "Reporter",
     "StageResult",
-    "chunked_nll",
     "finetune",
-    "lm_loss",
     "lora_projections",
     "lora_target_modules",
     "resume_folder",

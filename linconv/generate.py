@@ -169,7 +169,8 @@ class Sampler:
         return self.generator
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are true (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -217,7 +218,7 @@ def _run(model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampl
     """Prefill ``ids`` [B, T] (left-padded where ``mask`` has zeros) in chunks, then decode until every row finishes."""
     device, B, T = ids.device, *ids.shape
     positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
@@ -225,7 +226,7 @@ def _run(model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampl
         logits = model(ids[:, s:e], cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
     kept, step_times, decode_tokens = [], [], 0
     tokens = sampler(logits)
-    _sync(device)
+    sync_device(device)
     prefill_s = time.perf_counter() - t0
     state_prefill = state_nbytes(cache)
     if positions is not None:
@@ -247,7 +248,7 @@ def _run(model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampl
             positions = positions + 1
         logits = model(tokens[:, None], cache=cache, use_cache=True, logits_to_keep=1, **_step_inputs(mask, positions)).logits[:, -1]
         tokens = sampler(logits)
-        _sync(device)
+        sync_device(device)
         step_times.append(time.perf_counter() - t)
     return prefill_s, step_times, decode_tokens, state_prefill, state_nbytes(cache), kept
 

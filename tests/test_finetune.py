@@ -21,7 +21,8 @@ from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
 from linconv.bench.perplexity import perplexity
-from linconv.finetune import FinetuneConfig, Reporter, finetune, lm_loss, lora_target_modules, resume_folder
+from linconv.finetune import FinetuneConfig, Reporter, finetune, lora_target_modules, resume_folder
+from linconv.loss import lm_loss
 from linconv.models.hf import linconv_tensor_names
 from linconv.speculative.medusa import MedusaHeads, load_medusa, medusa_loss, save_medusa
 
@@ -195,13 +196,13 @@ def test_default_heldout_text_is_used_for_eval(data, tmp_path):
 def test_chunked_loss_equals_the_models_loss(data):
     model, _ = linconv.load(data / "gpt2")
     ids = torch.randint(4, 96, (2, 24))
-    from linconv import finetune as ft
+    from linconv import loss
 
-    old, ft.LOGITS_BUDGET = ft.LOGITS_BUDGET, 96 * 5  # 5 rows per chunk
+    old, loss.LOGITS_BUDGET = loss.LOGITS_BUDGET, 96 * 5  # 5 rows per chunk
     try:
         ours = lm_loss(model, ids)
     finally:
-        ft.LOGITS_BUDGET = old
+        loss.LOGITS_BUDGET = old
     torch.testing.assert_close(ours, model(ids, labels=ids, use_cache=False).loss, atol=1e-5, rtol=1e-5)
 
 

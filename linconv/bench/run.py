@@ -35,6 +35,7 @@ from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
 from linconv.speculative.drafts import PromptLookup
 from linconv.config import parse_dtype
+from linconv.data import same_tokenizer
 from linconv.errors import LinconvError
 
 SCHEMA_VERSION = 1
@@ -166,16 +167,6 @@ def model_info(model: nn.Module, name: str) -> dict:
     return {"name": name, "class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
             "weights_bytes": weights_bytes(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "linconv": getattr(model.config, "linconv", None)}
-
-
-def same_tokenizer(a, b) -> bool:
-    """Whether two tokenizers turn text into the same ids (same vocabulary and same encoding)."""
-    if a is None or b is None:
-        return a is b
-    if a.get_vocab() != b.get_vocab():
-        return False
-    sample = "Linear attention, 2024: naïve “quotes” — tabs\tand  spaces.\nThe END."
-    return a(sample, add_special_tokens=False)["input_ids"] == b(sample, add_special_tokens=False)["input_ids"]
 
 
 def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | None):

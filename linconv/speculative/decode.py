@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from linconv.attention.state import new_cache
 from linconv.errors import LinconvError
+from linconv.generate import sync_device
 from linconv.speculative.tree import CandidateTree
 from linconv.speculative.verify import accept_greedy, accept_sampled, commit, verify
 
@@ -50,11 +51,6 @@ class SpecResult:
         return dict(sorted(Counter(self.accepted).items()))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def speculative_generate(
     model: nn.Module,
@@ -77,13 +73,13 @@ def speculative_generate(
         raise LinconvError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
     device = next(model.parameters()).device
     cache = new_cache(model)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     ids = torch.tensor([list(prompt)], device=device)
     for s in range(0, ids.shape[1], prefill_chunk):
         hidden = model.base_model(input_ids=ids[:, s : s + prefill_chunk], cache=cache, use_cache=True).last_hidden_state[0, -1]
     logits: Tensor = model.get_output_embeddings()(hidden).float()
-    _sync(device)
+    sync_device(device)
     result = SpecResult([], time.perf_counter() - start, 0.0, 0)
     context, past, next_root = list(prompt), len(prompt), None
     start = time.perf_counter()
@@ -113,6 +109,6 @@ def speculative_generate(
                 break
         if result.finish_reason == "stop":
             break
-    _sync(device)
+    sync_device(device)
     result.decode_s = time.perf_counter() - start
     return result

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from linconv.attention.state import LinconvCache, new_cache
+from linconv.data import same_tokenizer
 from linconv.errors import LinconvError
 
 
@@ -92,11 +93,6 @@ class DraftModel:
         else:
             self.cache.crop(self.seen)
         return [path]
-
-
-def same_tokenizer(a, b) -> bool:
-    """Drafts must share the target's vocabulary token for token."""
-    return a.get_vocab() == b.get_vocab()
 
 
 def make_draft(spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)):

@@ -96,9 +96,9 @@ def medusa_loss(heads: MedusaHeads, hidden: Tensor, input_ids: Tensor, chunk_tok
     """Sum over heads of the mean cross-entropy of head i's guess at t against token t+i+2.
 
     ``hidden`` [B, T, D] is the model's last hidden state for ``input_ids`` [B, T]; logits are made
-    chunk by chunk (see :func:`linconv.finetune.chunked_nll`), never all at once.
+    chunk by chunk (see :func:`linconv.loss.chunked_nll`), never all at once.
     """
-    from linconv.finetune import chunked_nll
+    from linconv.loss import chunked_nll
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for i, block in enumerate(heads.blocks):
