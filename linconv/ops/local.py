@@ -160,16 +160,9 @@ def grouped_step(
     w, m = local_weights(q32 @ k_all.transpose(-1, -2), everything, score)  # [B, H, 1, b+1], [B, H, 1, 1]
     num = w @ v_all
     den = w.sum(-1, keepdim=True)
-    S, z = state.S, state.z
     if phi is not None:
         qf = phi(q32)  # [B, H, 1, F]
         scale = alpha * torch.exp(-m)
-        num = num + scale * (qf @ S)
-        den = den + scale * (qf * z.unsqueeze(2)).sum(-1, keepdim=True)
-    out = num / (den + EPS)
-    if k_all.shape[2] == group_size:  # the group is complete: fold it into the global state
-        if phi is not None:
-            kf = phi(k_all)
-            S, z = S + kf.transpose(-1, -2) @ v_all, z + kf.sum(2)
-        k_all, v_all = k_all[:, :, :0], v_all[:, :, :0]
-    return out.to(v.dtype), GroupState(S, z, k_all, v_all)
+        num = num + scale * (qf @ state.S)
+        den = den + scale * (qf * state.z.unsqueeze(2)).sum(-1, keepdim=True)
+    return (num / (den + EPS)).to(v.dtype), advance_group(state, k, v, group_size, phi)
