@@ -35,8 +35,12 @@ class RichReporter(Reporter):
             console=console,
         )
 
+    def _stop(self):
+        if self.progress.live.is_started:  # stopping a bar that never started prints a blank line
+            self.progress.stop()
+
     def stage_start(self, stage, total, done):
-        self.progress.stop()
+        self._stop()
         self.progress = self._new_progress()  # one bar per stage; finished stages stay printed above
         self.progress.start()
         self.tasks[stage] = self.progress.add_task(stage, total=total, completed=done, loss="-", speed="-")
@@ -53,13 +57,13 @@ class RichReporter(Reporter):
         self.message(f"held-out perplexity {'before training' if stage == 'start' else f'after {stage} step {step}'}: {perplexity:.3f}")
 
     def stage_end(self, stage):
-        self.progress.stop()
+        self._stop()
 
     def message(self, text):
         self.progress.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self):
-        self.progress.stop()
+        self._stop()
 
 
 def _table(result) -> Table:
