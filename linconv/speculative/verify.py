@@ -31,13 +31,15 @@ def verify(model: nn.Module, cache, tree: CandidateTree, past: int) -> tuple[Ten
     device = next(model.parameters()).device
     ids = torch.tensor([tree.tokens], device=device)
     positions = torch.tensor([[past + d - 1 for d in tree.depths]], device=device)
-    mask = tree_attention_mask(tree, past, model.dtype, device)
-    if isinstance(cache, LinconvCache):
+    linear = isinstance(cache, LinconvCache)
+    softmax_layers = not linear or any(isinstance(s.attn, KVState) for s in cache.states)
+    mask = tree_attention_mask(tree, past, model.dtype, device) if softmax_layers else None  # linear layers use the tree form
+    if linear:
         cache.tree = tree.parents
     try:
         hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
     finally:
-        if isinstance(cache, LinconvCache):
+        if linear:
             cache.tree = None
     return hidden[0], model.get_output_embeddings()(hidden[0]).float()
 
