@@ -38,9 +38,30 @@ def test_convert_writes_a_loadable_linconv_folder(tiny_src, tmp_path):
     assert tok is not None and model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 96)
 
 
+def test_recipe_presets_options_and_explicit_options_win(tiny_src, tmp_path):
+    from linconv.recipes import RECIPES
+
+    assert invoke(tiny_src, tmp_path / "paper", "--recipe", "paper", "--conv-kernel", 4).exit_code == 0
+    cfg = json.loads((tmp_path / "paper" / "config.json").read_text())["linconv"]
+    assert {k: cfg[k] for k in RECIPES["paper"].convert} == RECIPES["paper"].convert
+    assert cfg["conv_kernel"] == 4
+    assert json.loads((tmp_path / "paper" / "linconv.json").read_text())["recipe"] == "paper"
+    assert invoke(tiny_src, tmp_path / "default", "--attention", "relu").exit_code == 0
+    cfg = json.loads((tmp_path / "default" / "config.json").read_text())["linconv"]
+    assert cfg["attention"] == "relu" and cfg["group_size"] == linconv.LinearizeConfig().group_size
+
+
+def test_unmasked_conv_needs_permission(tiny_src, tmp_path):
+    result = invoke(tiny_src, tmp_path / "out", "--unmasked-conv")
+    assert result.exit_code == 1 and "an unmasked convolution is not causal" in result.output
+    assert invoke(tiny_src, tmp_path / "out", "--unmasked-conv", "--allow-noncausal").exit_code == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["linconv"]["conv_mask"] is False
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--recipe", "nope"], "unknown recipe 'nope'; choose from: linconv, paper"),
         (["--attention", "nope"], "unknown attention variant 'nope'; choose from: relu, elu"),
         (["--attention", "linformer"], "not causal"),
         (["--group-size", "0"], "--group-size must be > 0"),

@@ -78,7 +78,8 @@ def test_losses_decrease(data, tmp_path):
 def test_transfer_changes_only_the_new_attention_parameters(data, tmp_path, arch):
     run(data, tmp_path / "out", arch, transfer_steps=3)
     attn = "model.layers.{}.self_attn" if arch == "llama" else "transformer.h.{}.attn"
-    expected = {f"{attn.format(i)}.{p}" for i in range(2) for p in ("conv", "alpha")}  # augmented: DWConv + α
+    own = ("conv", "alpha", "feature_map.weight")  # augmented-softmax: DWConv, α, hedgehog map
+    expected = {f"{attn.format(i)}.{p}" for i in range(2) for p in own}
     assert new_params(arch, data) == expected
     assert changed(weights(data / arch), weights(tmp_path / "out")) == expected
     card = json.loads((tmp_path / "out" / "linconv.json").read_text())
@@ -285,6 +286,7 @@ def _bad_inputs(data, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     common = ["--text", data / "text.txt", "--seq-len", 16, "--device", "cpu"]
     return [
+        (["--recipe", "nope"], "unknown recipe 'nope'; choose from: linconv, paper"),
         (["--text", tmp_path / "empty.txt"], "is empty"),
         (["--text", data / "one.txt", "--seq-len", 64], "fewer than one --seq-len window of 64"),
         ([*common, "--lora-rank", 0], "--lora-rank must be > 0"),

@@ -67,9 +67,19 @@ def test_linformer_is_flagged_as_leaking():
     assert leakage_check(model, seq_len=24).leaks
 
 
-def test_convert_refuses_noncausal_without_permission():
+def test_unmasked_conv_is_flagged_as_leaking_and_cannot_decode():
+    model = converted("llama", "augmented", conv_mask=False)
+    assert model.model.layers[0].self_attn.conv.shape[-1] == 2 * 3 - 1
+    assert leakage_check(model, seq_len=24).leaks
     with pytest.raises(LinconvError, match="not causal"):
-        linconv.convert(tiny_base("llama"), linconv.LinearizeConfig(attention="linformer"))
+        model.generate(torch.randint(0, 90, (1, 5)), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("options", [dict(attention="linformer"), dict(conv_mask=False)])
+def test_convert_refuses_noncausal_without_permission(options):
+    with pytest.raises(LinconvError, match="not causal"):
+        linconv.convert(tiny_base("llama"), linconv.LinearizeConfig(**options))
+    assert linconv.LinearizeConfig(conv_mask=False, conv_kernel=0).validate().causal  # no conv, nothing to leak
 
 
 @torch.inference_mode()

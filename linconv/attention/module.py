@@ -35,7 +35,10 @@ class LinconvAttention(nn.Module):
         self.feature_map = make_feature_map(self.variant.feature, H, D, seed) if self.variant.feature else None
         self.alpha = nn.Parameter(torch.ones(())) if self.variant.feature and self.variant.score else None
         self.out_norm = None if self.variant.normalize else nn.Parameter(torch.ones(D))
-        self.conv = nn.Parameter(torch.zeros(H, cfg.kernel)) if cfg.kernel else None  # zero: starts as no conv
+        taps = cfg.kernel if cfg.conv_mask else 2 * cfg.kernel - 1  # unmasked: K−1 future taps too
+        self.conv = nn.Parameter(torch.zeros(H, taps)) if cfg.kernel else None  # zero: starts as no conv
+        self.conv_mask = cfg.conv_mask
+        self.causal = self.variant.causal and (cfg.conv_mask or not cfg.kernel)
         if not self.variant.causal:
             g = torch.Generator().manual_seed(seed)
             proj = torch.randn(cfg.linformer_rank, cfg.linformer_max_len, generator=g) / cfg.linformer_rank**0.5
@@ -50,8 +53,8 @@ class LinconvAttention(nn.Module):
         q, k, v = self.adapter.qkv(self, hidden_states, position_embeddings)  # [B, H, T, D], [B, Hkv, T, D] x2
         if not isinstance(cache, LinconvCache):
             cache = None  # transformers may hand us its own cache; linconv keeps its state elsewhere
-        elif not self.variant.causal:
-            raise LinconvError(f"variant {self.variant.name!r} is not causal and cannot decode step by step")
+        elif not self.causal:
+            raise LinconvError(f"this {self.variant.name!r} model is not causal and cannot decode step by step")
         state = cache.states[self.layer_idx] if cache is not None else LayerState()
         if cache is not None and cache.tree is not None:
             out, cache.pending[self.layer_idx] = self.attend_tree(q, k, v, state, cache.tree)
@@ -79,7 +82,9 @@ class LinconvAttention(nn.Module):
         else:
             out, attn = ops.linear_attention(phi(q), phi(k), v, state.attn, normalize=var.normalize, chunk_size=self.chunk_size)
         out, conv = self._norm(out), state.conv
-        if self.conv is not None:
+        if self.conv is not None and not self.conv_mask:
+            out = out + ops.unmasked_dwconv(v, self.conv)
+        elif self.conv is not None:
             local, conv = ops.causal_dwconv(v, self.conv, conv)
             out = out + local
         return out, LayerState(attn, conv)

@@ -56,10 +56,18 @@ VARIANTS: dict[str, Variant] = {
             unit_qk=True,
             default_conv=32,
         ),
+        Variant(
+            "augmented-softmax",
+            "the augmented form with the model's own softmax as the in-group score and a learnable "
+            "hedgehog map for the global part (+ α, masked DWConv)",
+            feature="hedgehog",
+            score="softmax",
+            default_conv=32,
+        ),
     ]
 }
 
-DEFAULT_VARIANT = "augmented"
+DEFAULT_VARIANT = "augmented-softmax"
 
 
 def get_variant(name: str) -> Variant:

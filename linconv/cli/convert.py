@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 import typer
 
-from linconv.attention.variants import DEFAULT_VARIANT, VARIANTS
+from linconv.attention.variants import VARIANTS
 from linconv.cli.common import console, friendly, parse_device, parse_layers
 from linconv.config import parse_dtype
 from linconv.errors import LinconvError
+from linconv.recipes import DEFAULT_RECIPE, get_recipe, recipe_help
 
 VARIANT_HELP = "Attention variant: " + "; ".join(f"{n}: {v.description}" for n, v in VARIANTS.items())
 
@@ -19,11 +20,13 @@ VARIANT_HELP = "Attention variant: " + "; ".join(f"{n}: {v.description}" for n, 
 @friendly
 def convert_command(
     paths: list[str] = typer.Argument(..., metavar="[SOURCE] OUTPUT", help="SOURCE: HF folder, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct). OUTPUT: new folder."),
-    attention: str = typer.Option(DEFAULT_VARIANT, "--attention", "-a", help=VARIANT_HELP),
-    group_size: int = typer.Option(64, help="Tokens per group of the local/global split."),
-    conv_kernel: int | None = typer.Option(None, help="Causal DWConv taps on V (0 disables; default: the variant's, 32 for augmented)."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, help=recipe_help()),
+    attention: str | None = typer.Option(None, "--attention", "-a", help=VARIANT_HELP + " (default: the recipe's)."),
+    group_size: int | None = typer.Option(None, help="Tokens per group of the local/global split (default: the recipe's)."),
+    conv_kernel: int | None = typer.Option(None, help="Causal DWConv taps on V (0 disables; default: the variant's, 32 for the augmented ones)."),
+    unmasked_conv: bool = typer.Option(False, help="Ablation: drop the conv's causal mask (2K−1 taps, K−1 of them future). Leaks; needs --allow-noncausal."),
     keep_softmax_layers: str | None = typer.Option(None, help="Comma-separated layers that keep softmax attention (hybrid model)."),
-    allow_noncausal: bool = typer.Option(False, help="Allow a non-causal variant (linformer); it leaks future tokens."),
+    allow_noncausal: bool = typer.Option(False, help="Allow a non-causal model (linformer, --unmasked-conv); it leaks future tokens."),
     seed: int = typer.Option(0, help="Seed of the new parameters' initialisation."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: fp32)."),
     device: str | None = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -42,10 +45,10 @@ def convert_command(
     source, output = (None, paths[0]) if len(paths) == 1 else paths
     if Path(output).exists() and not overwrite:
         raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
+    given = dict(attention=attention, group_size=group_size, conv_kernel=conv_kernel)
     cfg = linconv.LinearizeConfig(
-        attention=attention,
-        group_size=group_size,
-        conv_kernel=conv_kernel,
+        **get_recipe(recipe).options("convert", given),
+        conv_mask=not unmasked_conv,
         keep_softmax_layers=parse_layers(keep_softmax_layers),
         allow_noncausal=allow_noncausal,
         seed=seed,
@@ -61,6 +64,7 @@ def convert_command(
         "made_by": f"linconv {linconv.__version__} convert",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": cfg.source,
+        "recipe": recipe,
         **{k: v for k, v in cfg.to_dict().items() if k != "source"},
     }
     with console.status(f"saving {output}…"):

@@ -3,7 +3,7 @@
 Layout everywhere: [B, H, T, D]. States are fp32 NamedTuples; ``None`` means "before any token".
 """
 
-from linconv.ops.conv import advance_conv, causal_dwconv, empty_conv_tail
+from linconv.ops.conv import advance_conv, causal_dwconv, empty_conv_tail, unmasked_dwconv
 from linconv.ops.linear import LinearState, advance_linear, empty_linear_state, linear_attention, linear_attention_step
 from linconv.ops.local import SCORES, GroupState, advance_group, empty_group_state, grouped_attention
 from linconv.ops.tree import ancestor_mask, conv_tree, grouped_tree, linear_tree, tree_depths, unfold_conv_kernel
@@ -28,4 +28,5 @@ __all__ = [
     "linear_tree",
     "tree_depths",
     "unfold_conv_kernel",
+    "unmasked_dwconv",
 ]

@@ -31,10 +31,29 @@ def causal_dwconv(v: Tensor, weight: Tensor, tail: Tensor | None = None) -> tupl
     if T == 1:  # decoding step: one dot product over the K taps, cheaper than a conv1d call
         y = (x * weight.float().flip(-1).unsqueeze(-1)).sum(2, keepdim=True)
         return y.to(v.dtype), x[:, :, 1:]
-    channels = x.permute(0, 1, 3, 2).reshape(B, H * D, K - 1 + T)
-    kernel = weight.float().flip(-1).repeat_interleave(D, 0).unsqueeze(1)  # [H*D, 1, K]
-    y = F.conv1d(channels, kernel, groups=H * D).view(B, H, D, T).permute(0, 1, 3, 2)
+    y = _depthwise(x, weight.flip(-1))
     return y.to(v.dtype), x[:, :, x.shape[2] - (K - 1) :]
+
+
+def unmasked_dwconv(v: Tensor, weight: Tensor) -> Tensor:
+    """The paper's 2K−1-tap kernel *without* its mask, for the ablation that shows why it is needed.
+
+    ``weight`` [H, 2K−1]: ``y_t = Σ_{|j|<K} w[h, K−1+j] · v_{t−j}``, so taps K−1.. are the causal
+    kernel and taps 0..K−2 read the K−1 *following* tokens. Not causal: it leaks the future, so it
+    has no step or tree form.
+    """
+    K = (weight.shape[-1] + 1) // 2
+    x = F.pad(v.float(), (0, 0, K - 1, K - 1))  # zeros before the first and after the last token
+    return _depthwise(x, weight.flip(-1)).to(v.dtype)
+
+
+def _depthwise(x: Tensor, kernel: Tensor) -> Tensor:
+    """Valid cross-correlation of x [B, H, L, D] along L with one kernel [H, K] per head."""
+    B, H, L, D = x.shape
+    K = kernel.shape[-1]
+    channels = x.permute(0, 1, 3, 2).reshape(B, H * D, L)
+    w = kernel.float().repeat_interleave(D, 0).unsqueeze(1)  # [H*D, 1, K]
+    return F.conv1d(channels, w, groups=H * D).view(B, H, D, L - K + 1).permute(0, 1, 3, 2)
 
 
 def advance_conv(tail: Tensor, v: Tensor) -> Tensor:

@@ -145,6 +145,19 @@ def test_conv_gradients_match_loop():
     grads_close(g, torch.autograd.grad(ref.conv_loop(v, w, tail)[0].square().sum(), (v, w)))
 
 
+def test_unmasked_conv_reads_the_future_and_its_causal_half_is_the_masked_conv():
+    v = rand(B, H, 11, D)
+    w = rand(H, 7, seed=5)  # K = 4: taps 0..2 future, 3 current, 4..6 past
+    want = torch.zeros_like(v)
+    for t in range(11):
+        for j in range(-3, 4):
+            if 0 <= t - j < 11:
+                want[:, :, t] += w[:, 3 + j].view(1, -1, 1) * v[:, :, t - j]
+    close(ops.unmasked_dwconv(v, w), want)
+    masked = torch.cat([torch.zeros(H, 3), w[:, 3:]], 1)
+    close(ops.unmasked_dwconv(v, masked), ops.causal_dwconv(v, w[:, 3:])[0])
+
+
 # ---- trees -------------------------------------------------------------------------------------
 
 

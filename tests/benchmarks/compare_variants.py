@@ -1,0 +1,205 @@
+"""Every attention variant on the default model under one fine-tuning budget (run by hand; pytest
+ignores this folder). Reproduces the paper's comparison and its ablations; picks linconv's defaults.
+
+For each run: convert the default model (SmolLM2-135M-Instruct) with the run's options, measure the
+held-out perplexity as converted, fine-tune it with the *same* settings for every run (attention
+transfer, then LoRA; see ``--transfer-steps`` etc.), then measure the held-out perplexity again and
+run the leakage check on the fine-tuned model. The original model is measured first, on the same
+windows. Runs:
+
+- every registered causal variant with its defaults, plus ``linformer`` (forced: not causal);
+- the paper's ablations of ``augmented``: without the conv, without grouping (its global linear part
+  over all tokens, plus the conv), the conv unmasked (reads 31 future tokens: must be caught as
+  leaking), and a hybrid that keeps every fifth layer softmax;
+- the group size of ``augmented-softmax`` (every other run uses the paper's 64), and at 256 without
+  the conv and as a hybrid.
+
+Resumable: one JSON record per run in ``--out`` (a finished run is skipped); ``--only`` selects runs.
+``--report`` prints the table (rich), writes ``results.md`` and ``results.png`` from the records.
+
+    python tests/benchmarks/compare_variants.py --out runs/compare [--only a,b] [--threads 2]
+        [--transfer-steps 40] [--lora-steps 80] [--seq-len 512] [--eval-windows 8] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from linconv.config import LinearizeConfig  # noqa: E402
+
+EVERY_FIFTH = list(range(4, 30, 5))  # SmolLM2-135M has 30 layers
+
+RUNS: dict[str, tuple[str, dict]] = {
+    name: (what, {"group_size": 64, **opts})  # the paper's group size unless a run says otherwise
+    for name, what, opts in [
+        ("relu", "ReLU kernel (paper baseline)", dict(attention="relu")),
+        ("elu", "ELU+1 kernel", dict(attention="elu")),
+        ("performer", "FAVOR+ random features", dict(attention="performer")),
+        ("transnormer", "TransNormer", dict(attention="transnormer")),
+        ("flash-local", "FLASH local half", dict(attention="flash-local")),
+        ("flash-global", "FLASH global half", dict(attention="flash-global")),
+        ("yoso", "YOSO local score", dict(attention="yoso")),
+        ("hedgehog", "Hedgehog learnable map", dict(attention="hedgehog")),
+        ("linformer", "Linformer (NOT causal, forced)", dict(attention="linformer", allow_noncausal=True)),
+        ("augmented", "paper: grouped relu² + global + DWConv", dict(attention="augmented")),
+        ("augmented/no-conv", "ablation: no DWConv", dict(attention="augmented", conv_kernel=0)),
+        ("augmented/no-groups", "ablation: no grouping (global linear + DWConv)", dict(attention="relu", conv_kernel=32)),
+        ("augmented/unmasked-conv", "ablation: conv not masked (leaks)", dict(attention="augmented", conv_mask=False, allow_noncausal=True)),
+        ("augmented/hybrid", "hybrid: every 5th layer softmax", dict(attention="augmented", keep_softmax_layers=EVERY_FIFTH)),
+        ("augmented-softmax", "grouped softmax + hedgehog global + DWConv", dict(attention="augmented-softmax")),
+        ("augmented-softmax/g128", "… group 128", dict(attention="augmented-softmax", group_size=128)),
+        ("augmented-softmax/g256", "… group 256", dict(attention="augmented-softmax", group_size=256)),
+        ("augmented-softmax/g256-no-conv", "… group 256, no DWConv", dict(attention="augmented-softmax", group_size=256, conv_kernel=0)),
+        ("augmented-softmax/g256-hybrid", "… group 256, every 5th layer softmax", dict(attention="augmented-softmax", group_size=256, keep_softmax_layers=EVERY_FIFTH)),
+    ]
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", default=None, help="comma-separated run names (default: all)")
+    p.add_argument("--transfer-steps", type=int, default=40)
+    p.add_argument("--lora-steps", type=int, default=80)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--transfer-lr", type=float, default=1e-2)
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 1024 tokens")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only print/write the table from the records")
+    return p.parse_args()
+
+
+def record_path(out: Path, name: str) -> Path:
+    return out / (name.replace("/", "__") + ".json")
+
+
+def heldout_ppl(model, ids, windows: int) -> float:
+    from linconv.bench.perplexity import perplexity
+
+    return perplexity(model, ids, window=1024, max_tokens=1024 * windows).perplexity
+
+
+def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
+    from linconv import convert
+    from linconv.finetune import FinetuneConfig, finetune
+    from linconv.bench.leakage import leakage_check
+    from linconv.checkpoint import load, save_checkpoint
+
+    cfg = LinearizeConfig(**opts).validate()
+    model = convert(base, cfg)
+    converted = heldout_ppl(model, ids, args.eval_windows)
+    ft = FinetuneConfig(
+        transfer_steps=args.transfer_steps, lora_steps=args.lora_steps, seq_len=args.seq_len,
+        lr=args.lr, transfer_lr=args.transfer_lr,
+    )
+    work = Path(tempfile.mkdtemp(prefix="linconv-compare-"))
+    try:
+        save_checkpoint(model, tokenizer, work / "converted", card={"run": name})
+        del model
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        result = finetune(work / "converted", work / "tuned", ft)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        tuned, _ = load(work / "tuned")
+        tokens = sum(s.tokens for s in result.stages)
+        leak = leakage_check(tuned)
+        final = heldout_ppl(tuned, ids, args.eval_windows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "name": name, "options": cfg.to_dict(), "converted_ppl": converted, "finetuned_ppl": final,
+        "leaks": leak.leaks, "leak_max_change": leak.max_change, "tokens": tokens,
+        "cpu_minutes": cpu / 60, "wall_minutes": wall / 60, "finetune": ft.to_dict(),
+        "losses": {s.name: s.losses for s in result.stages},
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    if args.report:
+        return report(args.out)
+    from linconv.data import load_text, tokenize
+    from linconv.models import ADAPTERS
+    from linconv.sources import load_source
+
+    base, tokenizer = load_source(None, ADAPTERS)
+    ids = tokenize(tokenizer, load_text(None, "heldout"))
+    names = args.only.split(",") if args.only else list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    orig = record_path(args.out, "original")
+    if not orig.exists():
+        orig.write_text(json.dumps({"name": "original", "finetuned_ppl": heldout_ppl(base, ids, args.eval_windows)}))
+    for name in names:
+        path = record_path(args.out, name)
+        if path.exists():
+            continue
+        print(f"== {name}", flush=True)
+        rec = run_one(name, RUNS[name][1], base, tokenizer, ids, args)
+        rec["what"] = RUNS[name][0]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(path)
+        print(f"   {rec['converted_ppl']:.1f} -> {rec['finetuned_ppl']:.1f}  leaks={rec['leaks']}  {rec['cpu_minutes']:.1f} CPU-min", flush=True)
+    report(args.out)
+
+
+def report(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    records = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("*.json")}
+    orig = records.pop("original", None)
+    rows = [records[n] for n in RUNS if n in records]
+    table = Table(title="held-out perplexity, default model (original first)")
+    for col in ("run", "what", "converted", "fine-tuned", "leaks", "tokens", "CPU-min"):
+        table.add_column(col)
+    md = ["| run | what | as converted | fine-tuned | leaks | tokens | CPU-min |", "|---|---|---:|---:|---|---:|---:|"]
+    if orig:
+        table.add_row("original", "softmax (SmolLM2-135M-Instruct)", "", f"{orig['finetuned_ppl']:.1f}", "", "", "")
+        md.append(f"| original | softmax | | {orig['finetuned_ppl']:.1f} | | | |")
+    for r in rows:
+        cells = [r["name"], r["what"], f"{r['converted_ppl']:.1f}", f"{r['finetuned_ppl']:.1f}",
+                 "LEAKS" if r["leaks"] else "no", f"{r['tokens']:,}", f"{r['cpu_minutes']:.1f}"]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    Console().print(table)
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    names = [r["name"] for r in rows][::-1]
+    for key, label, color in (("converted_ppl", "as converted", "#bbbbbb"), ("finetuned_ppl", "fine-tuned", "#3b6ea8")):
+        ax.barh(names, [min(r[key], 1e5) for r in rows][::-1], color=color, label=label, height=0.6 if key == "converted_ppl" else 0.35)
+    if orig:
+        ax.axvline(orig["finetuned_ppl"], color="#c0392b", ls="--", label=f"original {orig['finetuned_ppl']:.1f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("held-out perplexity (log scale, lower is better)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+    print(f"wrote {out / 'results.md'} and {out / 'results.png'}; mean tokens/run "
+          f"{math.fsum(r['tokens'] for r in rows) / max(len(rows), 1):,.0f}")
+
+
+if __name__ == "__main__":
+    main()
