@@ -382,3 +382,12 @@ def test_finetuning_a_finetuned_checkpoint_keeps_its_history(data, tmp_path):
     assert "heldout_perplexity" not in card
     [earlier] = card["earlier_finetunes"]
     assert earlier["finetuned_from"] == str(data / "llama") and earlier["transfer_steps"] == 1 and earlier["heldout_perplexity"]
+
+
+def test_recipe_options_are_overridden_by_explicit_ones():
+    from linconv.recipes import Recipe
+
+    recipe = Recipe("r", "test", convert={"group_size": 32}, finetune={"lr": 0.5, "seq_len": 64})
+    assert recipe.options("finetune", {"lr": None, "seq_len": 8, "lora_rank": None}) == {"lr": 0.5, "seq_len": 8}
+    assert recipe.options("convert", {"attention": "relu", "group_size": None}) == {"group_size": 32, "attention": "relu"}
+    FinetuneConfig(**recipe.options("finetune", {})).validate()

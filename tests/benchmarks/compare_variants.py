@@ -3,7 +3,8 @@ ignores this folder). Reproduces the paper's comparison and its ablations; picks
 
 For each run: convert the default model (SmolLM2-135M-Instruct) with the run's options, measure the
 held-out perplexity as converted, fine-tune it with the *same* settings for every run (attention
-transfer, then LoRA; see ``--transfer-steps`` etc.), then measure the held-out perplexity again and
+transfer, then LoRA; see ``--transfer-steps`` etc.; a variant without parameters of its own has nothing
+to transfer and spends those steps on LoRA, so every run reads the same tokens), then measure the held-out perplexity again and
 run the leakage check on the fine-tuned model. The original model is measured first, on the same
 windows. Runs:
 
@@ -96,12 +97,15 @@ def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
     from linconv.finetune import FinetuneConfig, finetune
     from linconv.bench.leakage import leakage_check
     from linconv.checkpoint import load, save_checkpoint
+    from linconv.models.hf import linconv_tensor_names
 
     cfg = LinearizeConfig(**opts).validate()
     model = convert(base, cfg)
     converted = heldout_ppl(model, ids, args.eval_windows)
-    ft = FinetuneConfig(
-        transfer_steps=args.transfer_steps, lora_steps=args.lora_steps, seq_len=args.seq_len,
+    params = dict(model.named_parameters())
+    transfer = args.transfer_steps if any(n in params for n in linconv_tensor_names(model)) else 0
+    ft = FinetuneConfig(  # nothing to transfer: those steps go to LoRA, so every run sees the same tokens
+        transfer_steps=transfer, lora_steps=args.lora_steps + args.transfer_steps - transfer, seq_len=args.seq_len,
         lr=args.lr, transfer_lr=args.transfer_lr,
     )
     work = Path(tempfile.mkdtemp(prefix="linconv-compare-"))
@@ -165,16 +169,19 @@ def report(out: Path) -> None:
     records = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("*.json")}
     orig = records.pop("original", None)
     rows = [records[n] for n in RUNS if n in records]
+    base = orig["finetuned_ppl"] if orig else float("nan")
     table = Table(title="held-out perplexity, default model (original first)")
-    for col in ("run", "what", "converted", "fine-tuned", "leaks", "tokens", "CPU-min"):
-        table.add_column(col)
-    md = ["| run | what | as converted | fine-tuned | leaks | tokens | CPU-min |", "|---|---|---:|---:|---|---:|---:|"]
+    head = ["run", "what", "as converted", "fine-tuned", "÷ original", "leaks", "tokens", "minutes", "CPU-min"]
+    for col in head:
+        table.add_column(col, justify="left" if col in ("run", "what", "leaks") else "right")
+    md = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * 3 + "---|" + "---:|" * 3]
     if orig:
-        table.add_row("original", "softmax (SmolLM2-135M-Instruct)", "", f"{orig['finetuned_ppl']:.1f}", "", "", "")
-        md.append(f"| original | softmax | | {orig['finetuned_ppl']:.1f} | | | |")
+        cells = ["original", "softmax (SmolLM2-135M-Instruct)", "", f"{base:.1f}", "1.00", "", "", "", ""]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
     for r in rows:
-        cells = [r["name"], r["what"], f"{r['converted_ppl']:.1f}", f"{r['finetuned_ppl']:.1f}",
-                 "LEAKS" if r["leaks"] else "no", f"{r['tokens']:,}", f"{r['cpu_minutes']:.1f}"]
+        cells = [r["name"], r["what"], f"{r['converted_ppl']:.1f}", f"{r['finetuned_ppl']:.1f}", f"{r['finetuned_ppl'] / base:.2f}",
+                 "LEAKS" if r["leaks"] else "no", f"{r['tokens']:,}", f"{r['wall_minutes']:.1f}", f"{r['cpu_minutes']:.1f}"]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
@@ -188,15 +195,16 @@ def report(out: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     names = [r["name"] for r in rows][::-1]
-    for key, label, color in (("converted_ppl", "as converted", "#bbbbbb"), ("finetuned_ppl", "fine-tuned", "#3b6ea8")):
-        ax.barh(names, [min(r[key], 1e5) for r in rows][::-1], color=color, label=label, height=0.6 if key == "converted_ppl" else 0.35)
+    ax.barh(names, [min(r["converted_ppl"], 1e5) for r in rows][::-1], color="#bbbbbb", label="as converted", height=0.6)
+    colors = ["#e67e22" if r["leaks"] else "#3b6ea8" for r in rows][::-1]
+    ax.barh(names, [min(r["finetuned_ppl"], 1e5) for r in rows][::-1], color=colors, label="fine-tuned (orange: LEAKS)", height=0.35)
     if orig:
         ax.axvline(orig["finetuned_ppl"], color="#c0392b", ls="--", label=f"original {orig['finetuned_ppl']:.1f}")
     ax.set_xscale("log")
     ax.set_xlabel("held-out perplexity (log scale, lower is better)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=110)
+    fig.savefig(out / "results.png", dpi=80)
     print(f"wrote {out / 'results.md'} and {out / 'results.png'}; mean tokens/run "
           f"{math.fsum(r['tokens'] for r in rows) / max(len(rows), 1):,.0f}")
 
