@@ -31,6 +31,7 @@ class LinearizeConfig:
     conv_kernel: int | None = None
     conv_mask: bool = True  # False: the paper's conv without its causal mask (ablation; not causal)
     keep_softmax_layers: list[int] = field(default_factory=list)
+    softmax_every: int = 0  # also keep every N-th layer softmax (layers N−1, 2N−1, …; 0: none)
     chunk_size: int = 128
     linformer_rank: int = 128
     linformer_max_len: int = 8192
@@ -44,6 +45,11 @@ class LinearizeConfig:
         """Whether no output can read a later token (false: linformer, or an unmasked conv)."""
         return get_variant(self.attention).causal and (self.conv_mask or not self.kernel)
 
+    def kept_layers(self, num_layers: int) -> set[int]:
+        """The layers that keep softmax attention in a model of ``num_layers`` layers."""
+        every = set(range(self.softmax_every - 1, num_layers, self.softmax_every)) if self.softmax_every else set()
+        return set(self.keep_softmax_layers) | every
+
     @property
     def kernel(self) -> int:
         """DWConv taps actually used (0: no conv)."""
@@ -55,6 +61,8 @@ class LinearizeConfig:
             variant = get_variant(self.attention)
         except ValueError as e:
             raise LinconvError(str(e)) from None
+        if self.softmax_every < 0:
+            raise LinconvError(f"--softmax-every must be >= 0 (0: no extra softmax layers), got {self.softmax_every}")
         for name in ("group_size", "chunk_size", "linformer_rank", "linformer_max_len"):
             if getattr(self, name) <= 0:
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

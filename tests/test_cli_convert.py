@@ -51,6 +51,16 @@ def test_recipe_presets_options_and_explicit_options_win(tiny_src, tmp_path):
     assert cfg["attention"] == "relu" and cfg["group_size"] == linconv.LinearizeConfig().group_size
 
 
+def test_softmax_every_keeps_every_nth_layer(tiny_src, tmp_path):
+    assert linconv.LinearizeConfig(softmax_every=5, keep_softmax_layers=[0]).kept_layers(30) == {0, 4, 9, 14, 19, 24, 29}
+    result = invoke(tiny_src, tmp_path / "out", "--softmax-every", 2)
+    assert result.exit_code == 0, result.output
+    model, _ = linconv.load(tmp_path / "out")
+    from linconv.convert import summarize
+
+    assert summarize(model).kept == [1] and summarize(model).converted == [0]
+
+
 def test_unmasked_conv_needs_permission(tiny_src, tmp_path):
     result = invoke(tiny_src, tmp_path / "out", "--unmasked-conv")
     assert result.exit_code == 1 and "an unmasked convolution is not causal" in result.output
@@ -61,10 +71,11 @@ def test_unmasked_conv_needs_permission(tiny_src, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--recipe", "nope"], "unknown recipe 'nope'; choose from: linconv, paper"),
+        (["--recipe", "nope"], "unknown recipe 'nope'; choose from: linconv, hybrid, paper"),
         (["--attention", "nope"], "unknown attention variant 'nope'; choose from: relu, elu"),
         (["--attention", "linformer"], "not causal"),
         (["--group-size", "0"], "--group-size must be > 0"),
+        (["--softmax-every", "-1"], "--softmax-every must be >= 0"),
         (["--conv-kernel", "-1"], "--conv-kernel must be >= 0"),
         (["--keep-softmax-layers", "7"], "out of range"),
         (["--dtype", "fp8"], "unknown dtype"),

@@ -286,7 +286,7 @@ def _bad_inputs(data, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     common = ["--text", data / "text.txt", "--seq-len", 16, "--device", "cpu"]
     return [
-        (["--recipe", "nope"], "unknown recipe 'nope'; choose from: linconv, paper"),
+        (["--recipe", "nope"], "unknown recipe 'nope'; choose from: linconv, hybrid, paper"),
         (["--text", tmp_path / "empty.txt"], "is empty"),
         (["--text", data / "one.txt", "--seq-len", 64], "fewer than one --seq-len window of 64"),
         ([*common, "--lora-rank", 0], "--lora-rank must be > 0"),

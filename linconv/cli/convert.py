@@ -26,6 +26,7 @@ def convert_command(
     conv_kernel: int | None = typer.Option(None, help="Causal DWConv taps on V (0 disables; default: the variant's, 32 for the augmented ones)."),
     unmasked_conv: bool = typer.Option(False, help="Ablation: drop the conv's causal mask (2K−1 taps, K−1 of them future). Leaks; needs --allow-noncausal."),
     keep_softmax_layers: str | None = typer.Option(None, help="Comma-separated layers that keep softmax attention (hybrid model)."),
+    softmax_every: int | None = typer.Option(None, help="Also keep every N-th layer softmax (layers N−1, 2N−1, …; default: the recipe's, 0 = none)."),
     allow_noncausal: bool = typer.Option(False, help="Allow a non-causal model (linformer, --unmasked-conv); it leaks future tokens."),
     seed: int = typer.Option(0, help="Seed of the new parameters' initialisation."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: fp32)."),
@@ -45,7 +46,7 @@ def convert_command(
     source, output = (None, paths[0]) if len(paths) == 1 else paths
     if Path(output).exists() and not overwrite:
         raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
-    given = dict(attention=attention, group_size=group_size, conv_kernel=conv_kernel)
+    given = dict(attention=attention, group_size=group_size, conv_kernel=conv_kernel, softmax_every=softmax_every)
     cfg = linconv.LinearizeConfig(
         **get_recipe(recipe).options("convert", given),
         conv_mask=not unmasked_conv,

@@ -34,13 +34,14 @@ from linconv.models import get_adapter
 
 
 def linearize_(model: nn.Module, cfg: LinearizeConfig, model_type: str) -> None:
-    """Replace the attention of every layer not in ``cfg.keep_softmax_layers``, in place."""
+    """Replace the attention of every layer that ``cfg`` does not keep softmax, in place."""
     adapter = get_adapter(model_type)
     blocks = adapter.blocks(model)
     cfg.validate(len(blocks))
     dims = adapter.dims(model.config)
+    kept = cfg.kept_layers(len(blocks))
     for i, block in enumerate(blocks):
-        if i not in cfg.keep_softmax_layers:
+        if i not in kept:
             old = getattr(block, adapter.attn_name)
             ref = next(old.parameters())
             new = LinconvAttention(old, adapter, i, len(blocks), cfg, dims).to(device=ref.device)
