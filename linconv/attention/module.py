@@ -38,7 +38,7 @@ class LinconvAttention(nn.Module):
         taps = cfg.kernel if cfg.conv_mask else 2 * cfg.kernel - 1  # unmasked: K−1 future taps too
         self.conv = nn.Parameter(torch.zeros(H, taps)) if cfg.kernel else None  # zero: starts as no conv
         self.conv_mask = cfg.conv_mask
-        self.causal = self.variant.causal and (cfg.conv_mask or not cfg.kernel)
+        self.causal = cfg.causal
         if not self.variant.causal:
             g = torch.Generator().manual_seed(seed)
             proj = torch.randn(cfg.linformer_rank, cfg.linformer_max_len, generator=g) / cfg.linformer_rank**0.5

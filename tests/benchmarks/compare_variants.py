@@ -39,8 +39,6 @@ import torch  # noqa: E402
 
 from linconv.config import LinearizeConfig  # noqa: E402
 
-EVERY_FIFTH = list(range(4, 30, 5))  # SmolLM2-135M has 30 layers
-
 RUNS: dict[str, tuple[str, dict]] = {
     name: (what, {"group_size": 64, **opts})  # the paper's group size unless a run says otherwise
     for name, what, opts in [
@@ -57,12 +55,12 @@ RUNS: dict[str, tuple[str, dict]] = {
         ("augmented/no-conv", "ablation: no DWConv", dict(attention="augmented", conv_kernel=0)),
         ("augmented/no-groups", "ablation: no grouping (global linear + DWConv)", dict(attention="relu", conv_kernel=32)),
         ("augmented/unmasked-conv", "ablation: conv not masked (leaks)", dict(attention="augmented", conv_mask=False, allow_noncausal=True)),
-        ("augmented/hybrid", "hybrid: every 5th layer softmax", dict(attention="augmented", keep_softmax_layers=EVERY_FIFTH)),
+        ("augmented/hybrid", "hybrid: every 5th layer softmax", dict(attention="augmented", softmax_every=5)),
         ("augmented-softmax", "grouped softmax + hedgehog global + DWConv", dict(attention="augmented-softmax")),
         ("augmented-softmax/g128", "… group 128", dict(attention="augmented-softmax", group_size=128)),
         ("augmented-softmax/g256", "… group 256", dict(attention="augmented-softmax", group_size=256)),
         ("augmented-softmax/g256-no-conv", "… group 256, no DWConv", dict(attention="augmented-softmax", group_size=256, conv_kernel=0)),
-        ("augmented-softmax/g256-hybrid", "… group 256, every 5th layer softmax", dict(attention="augmented-softmax", group_size=256, keep_softmax_layers=EVERY_FIFTH)),
+        ("augmented-softmax/g256-hybrid", "… group 256, every 5th layer softmax", dict(attention="augmented-softmax", group_size=256, softmax_every=5)),
     ]
 }
 
