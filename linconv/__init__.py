@@ -6,9 +6,9 @@ Importing linconv registers its model types with transformers' Auto classes, so 
 
 __version__ = "0.1.0"
 
-from linconv.checkpoint import load  # noqa: E402
-from linconv.config import LinearizeConfig  # noqa: E402
-from linconv.convert import convert  # noqa: E402
-from linconv.models import hf as _hf  # noqa: E402, F401  (registers the linconv-* model types)
+from linconv.checkpoint import load
+from linconv.config import LinearizeConfig
+from linconv.convert import convert
+from linconv.models import hf as _hf  # noqa: F401  (registers the linconv-* model types)
 
 __all__ = ["LinearizeConfig", "convert", "load"]

@@ -46,8 +46,9 @@ def atomic_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(model, tokenizer, output: str | Path, *, card: dict, overwrite: bool = False,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    model, tokenizer, output: str | Path, *, card: dict, overwrite: bool = False, extra: Callable[[Path], None] | None = None
+) -> Path:
     """Write ``model`` and ``tokenizer`` as a linconv folder; ``card`` records how it was made.
 
     ``extra(folder)`` may add files (an adapter, Medusa heads) inside the same atomic write.

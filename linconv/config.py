@@ -10,7 +10,14 @@ from linconv.attention.variants import DEFAULT_VARIANT, get_variant
 from linconv.errors import LinconvError
 
 FORMAT_VERSION = 1
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -71,8 +78,7 @@ class LinearizeConfig:
         if not self.causal and not self.allow_noncausal:
             what = f"variant {variant.name!r}" if not variant.causal else "an unmasked convolution"
             raise LinconvError(
-                f"{what} is not causal (it leaks future tokens and cannot decode); "
-                "pass --allow-noncausal to build it anyway"
+                f"{what} is not causal (it leaks future tokens and cannot decode); pass --allow-noncausal to build it anyway"
             )
         if num_layers is not None:
             bad = [i for i in self.keep_softmax_layers if not 0 <= i < num_layers]

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,7 +203,10 @@ def _token_windows(tokenizer, spec: str | None, split: str, seq_len: int, what: 
     finally:
         tokenizer.model_max_length = old
     if tokens.numel() < seq_len:
-        raise LinconvError(f"the {what} text has {tokens.numel()} tokens, fewer than one --seq-len window of {seq_len}; use more text or a shorter --seq-len")
+        raise LinconvError(
+            f"the {what} text has {tokens.numel()} tokens, fewer than one "
+            f"--seq-len window of {seq_len}; use more text or a shorter --seq-len"
+        )
     return windows(tokens, seq_len, None if max_windows is None else max_windows * seq_len)
 
 
@@ -302,7 +305,7 @@ class _Run:
             lora_projections(config["model_type"], cfg.lora_targets)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
-        except Exception:  # noqa: BLE001 - tokenizers raise bare Exceptions
+        except Exception:
             raise LinconvError(f"{self.checkpoint} has no usable tokenizer files; copy them from the source model") from None
         self.train = _token_windows(self.tokenizer, cfg.text, "train", cfg.seq_len, "training")
         self.eval = None
@@ -318,10 +321,8 @@ class _Run:
         self.card = {}
         card_file = self.checkpoint / "linconv.json"
         if card_file.is_file():
-            try:
+            with suppress(OSError, ValueError):
                 self.card = json.loads(card_file.read_text())
-            except (OSError, ValueError):
-                pass
 
     def _check_resume(self) -> None:
         p = self.progress
@@ -331,7 +332,9 @@ class _Run:
             listed = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in diff)
             raise LinconvError(f"{self.partial} was made with other settings: {listed}; resume with the same settings")
         if p.get("world_size") != self.world:
-            raise LinconvError(f"{self.partial} was made with {p.get('world_size')} processes, this run has {self.world}; resume with the same number")
+            raise LinconvError(
+                f"{self.partial} was made with {p.get('world_size')} processes, this run has {self.world}; resume with the same number"
+            )
 
     def _stage_setup(self, stage: str) -> tuple[list[tuple[str, Tensor]], Callable[[Tensor], Tensor]]:
         """Make ``stage``'s structure (LoRA layers, heads); returns its trainable tensors and loss."""
@@ -511,7 +514,9 @@ class _Run:
                 self._save_state(stage, done, optimizer, scheduler)
             if stop:
                 if self.main:
-                    self.reporter.message(f"interrupted after step {done} of {stage}; resume state saved in {self.partial} (continue with --resume)")
+                    self.reporter.message(
+                        f"interrupted after step {done} of {stage}; resume state saved in {self.partial} (continue with --resume)"
+                    )
                 raise KeyboardInterrupt
         if self.main:
             self.reporter.stage_end(stage)
@@ -563,10 +568,17 @@ class _Run:
                 save_file({n: tensors[n].detach().to("cpu").clone() for n in self.touched}, str(tmp / "trainable.safetensors"))
                 if optimizer is not None:
                     scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler}, tmp / "optimizer.pt")
+                    torch.save(
+                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler}, tmp / "optimizer.pt"
+                    )
                 progress = {
-                    "stage": stage, "step": step, "config": self.cfg.fingerprint(), "world_size": self.world,
-                    "checkpoint": str(self.checkpoint), "losses": {s: r.losses for s, r in self.results.items()}, "evals": self.evals,
+                    "stage": stage,
+                    "step": step,
+                    "config": self.cfg.fingerprint(),
+                    "world_size": self.world,
+                    "checkpoint": str(self.checkpoint),
+                    "losses": {s: r.losses for s, r in self.results.items()},
+                    "evals": self.evals,
                 }
                 (tmp / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
         self._barrier()
@@ -574,12 +586,14 @@ class _Run:
     def _load_state(self) -> None:
         try:
             state = load_file(str(self.partial / "trainable.safetensors"))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+        except Exception as e:
             raise LinconvError(f"cannot read the resume state in {self.partial}: {str(e).splitlines()[0]}") from None
         tensors = self._tensors()
         missing = sorted(set(state) - set(tensors))
         if missing:
-            raise LinconvError(f"the resume state in {self.partial} does not fit this model (e.g. {missing[0]}); was it made from another checkpoint?")
+            raise LinconvError(
+                f"the resume state in {self.partial} does not fit this model (e.g. {missing[0]}); was it made from another checkpoint?"
+            )
         with torch.no_grad():
             for n, t in state.items():
                 tensors[n].copy_(t)
@@ -622,13 +636,18 @@ class _Run:
                 if "heldout_perplexity" in card:
                     earlier["heldout_perplexity"] = card.pop("heldout_perplexity")
                 card["earlier_finetunes"] = [*card.get("earlier_finetunes", []), earlier]
-            card.update({
-                "made_by": f"linconv {linconv.__version__} finetune",
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "finetuned_from": str(self.checkpoint),
-                "finetune": {**cfg.to_dict(), "processes": self.world,
-                             "final_loss": {s: r.losses[-1] for s, r in self.results.items() if r.losses}},
-            })
+            card.update(
+                {
+                    "made_by": f"linconv {linconv.__version__} finetune",
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "finetuned_from": str(self.checkpoint),
+                    "finetune": {
+                        **cfg.to_dict(),
+                        "processes": self.world,
+                        "final_loss": {s: r.losses[-1] for s, r in self.results.items() if r.losses},
+                    },
+                }
+            )
             if self.evals:
                 card["heldout_perplexity"] = [f"{e['stage']}@{e['step']}: {e['perplexity']:.3f}" for e in self.evals]
             if adapter is not None:

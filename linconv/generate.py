@@ -79,7 +79,7 @@ class IncrementalDecoder:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
         before, after = decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""  # an incomplete character: wait for the next token
@@ -186,7 +186,9 @@ def _as_rows(prompts) -> list[list[int]]:
     return [list(map(int, p)) for p in prompts]
 
 
-def check_options(max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, prefill_chunk: int = 2048) -> None:
+def check_options(
+    max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, prefill_chunk: int = 2048
+) -> None:
     """Raise LinconvError for generation options that cannot work (before any model is loaded)."""
     if max_new_tokens <= 0:
         raise LinconvError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
@@ -207,14 +209,18 @@ def _check_prompts(rows: list[list[int]], model, ignore_limit: bool) -> None:
     limit = context_limit(model)
     longest = max(map(len, rows))
     if limit is not None and longest >= limit and not ignore_limit:
-        raise LinconvError(f"the prompt has {longest} tokens but the model's context limit is {limit} tokens (max_position_embeddings); shorten it")
+        raise LinconvError(
+            f"the prompt has {longest} tokens but the model's context limit is {limit} tokens (max_position_embeddings); shorten it"
+        )
 
 
 def _step_inputs(mask: Tensor | None, positions: Tensor | None):
     return {} if mask is None else {"attention_mask": mask, "position_ids": positions}
 
 
-def _run(model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampler: Sampler, chunk: int, on_token, offset: int, keep_logits: bool):
+def _run(
+    model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampler: Sampler, chunk: int, on_token, offset: int, keep_logits: bool
+):
     """Prefill ``ids`` [B, T] (left-padded where ``mask`` has zeros) in chunks, then decode until every row finishes."""
     device, B, T = ids.device, *ids.shape
     positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
@@ -327,7 +333,9 @@ def generate(
     rows = [new_row(len(r)) for r in rows_ids]
     result = GenerationResult([], None, [], [len(r) for r in rows_ids], 0.0, logits=[] if keep_logits else None)
     for ids, mask, cache, group_rows, offset in _groups(model, rows_ids, rows, device):
-        prefill_s, times, n, state0, state1, kept = _run(model, ids, mask, cache, group_rows, sampler, prefill_chunk, on_token, offset, keep_logits)
+        prefill_s, times, n, state0, state1, kept = _run(
+            model, ids, mask, cache, group_rows, sampler, prefill_chunk, on_token, offset, keep_logits
+        )
         result.prefill_seconds += prefill_s
         result.token_seconds += times
         result.decode_tokens += n

@@ -31,11 +31,17 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
         Recipe(DEFAULT_RECIPE, "best measured: augmented-softmax (in-group softmax, hedgehog global, DWConv)"),
-        Recipe("hybrid", "linconv with every 5th layer kept softmax: exact recall for speculative decoding "
-               "on input-grounded text; those layers keep a KV cache (1/5 of the original's)",
-               convert={"softmax_every": 5}),
-        Recipe("paper", "the paper's exact form: augmented (in-group relu², relu global, 32-tap DWConv), groups of 64",
-               convert={"attention": "augmented", "group_size": 64}),
+        Recipe(
+            "hybrid",
+            "linconv with every 5th layer kept softmax: exact recall for speculative decoding "
+            "on input-grounded text; those layers keep a KV cache (1/5 of the original's)",
+            convert={"softmax_every": 5},
+        ),
+        Recipe(
+            "paper",
+            "the paper's exact form: augmented (in-group relu², relu global, 32-tap DWConv), groups of 64",
+            convert={"attention": "augmented", "group_size": 64},
+        ),
     ]
 }
 

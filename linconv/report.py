@@ -103,8 +103,12 @@ def perplexity_table(result) -> Table | None:
     for col in (*BENCH_ROLES, "ratio"):
         table.add_column(col, justify="right")
     o, lin = ppl.get("original"), ppl.get("linearized")
-    get = lambda r, f: None if r is None else f(r)  # noqa: E731
-    rows = [("perplexity", lambda r: r.perplexity, 2), ("NLL (nats/token)", lambda r: r.nll, 3), ("forward tokens/s", lambda r: r.tokens_per_s, 0)]
+    get = lambda r, f: None if r is None else f(r)
+    rows = [
+        ("perplexity", lambda r: r.perplexity, 2),
+        ("NLL (nats/token)", lambda r: r.nll, 3),
+        ("forward tokens/s", lambda r: r.tokens_per_s, 0),
+    ]
     for label, f, digits in rows:
         table.add_row(label, _num(get(o, f), digits), _num(get(lin, f), digits), _ratio(get(lin, f), get(o, f)))
     return table
@@ -125,8 +129,10 @@ def maxlen_table(result) -> Table | None:
     any_ = next(iter(next(iter(ml.values())).values()))
     budget = "device memory" if any_.budget_bytes is None else _gib(any_.budget_bytes)
     where = "per trial process (RSS)" if result.environment["device"] == "cpu" else "of device memory"
-    title = (f"Max sequence length (tokens) · budget {budget} {where} · trial limit {any_.timeout_s:g} s · "
-             f"cap {any_.cap:,} · granularity {any_.granularity:,}")
+    title = (
+        f"Max sequence length (tokens) · budget {budget} {where} · trial limit {any_.timeout_s:g} s · "
+        f"cap {any_.cap:,} · granularity {any_.granularity:,}"
+    )
     table = Table(title=title)
     table.add_column("")
     for col in (*BENCH_ROLES, "ratio"):
@@ -141,7 +147,11 @@ def maxlen_table(result) -> Table | None:
     loaded = [ml_r.loaded_bytes for pair in ml.values() for ml_r in pair.values()]
     if any(b is not None for b in loaded):
         first = next(iter(ml.values()))
-        table.add_row("[dim]memory with the model loaded[/]", *(f"[dim]{_gib(first[r].loaded_bytes) if r in first else '–'}[/]" for r in BENCH_ROLES), "")
+        table.add_row(
+            "[dim]memory with the model loaded[/]",
+            *(f"[dim]{_gib(first[r].loaded_bytes) if r in first else '–'}[/]" for r in BENCH_ROLES),
+            "",
+        )
     return table
 
 
@@ -151,8 +161,9 @@ def speed_table(result) -> Table | None:
         return None
     any_ = next(iter(sp.values()))
     repeats = any_.points[0].repeats if any_.points else 0
-    title = (f"Tokens/s · prefill in chunks of {any_.prefill_chunk} (median of {repeats}), "
-             f"then {any_.decode_tokens} greedy tokens (median step)")
+    title = (
+        f"Tokens/s · prefill in chunks of {any_.prefill_chunk} (median of {repeats}), then {any_.decode_tokens} greedy tokens (median step)"
+    )
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("context", justify="right")
     for col in ("prefill\norig", "prefill\nlin", "\n×", "decode\norig", "decode\nlin", "\n×", "state\norig", "state\nlin"):
@@ -164,9 +175,14 @@ def speed_table(result) -> Table | None:
         a, b = opts.get(ctx), lpts.get(ctx)
         table.add_row(
             f"{ctx:,}",
-            _num(a and a.prefill_tokens_per_s, 0), _num(b and b.prefill_tokens_per_s, 0), _ratio(b and b.prefill_tokens_per_s, a and a.prefill_tokens_per_s),
-            _num(a and a.decode_tokens_per_s, 1), _num(b and b.decode_tokens_per_s, 1), _ratio(b and b.decode_tokens_per_s, a and a.decode_tokens_per_s),
-            _bytes(a.state_bytes) if a else "–", _bytes(b.state_bytes) if b else "–",
+            _num(a and a.prefill_tokens_per_s, 0),
+            _num(b and b.prefill_tokens_per_s, 0),
+            _ratio(b and b.prefill_tokens_per_s, a and a.prefill_tokens_per_s),
+            _num(a and a.decode_tokens_per_s, 1),
+            _num(b and b.decode_tokens_per_s, 1),
+            _ratio(b and b.decode_tokens_per_s, a and a.decode_tokens_per_s),
+            _bytes(a.state_bytes) if a else "–",
+            _bytes(b.state_bytes) if b else "–",
         )
     return table
 
@@ -208,14 +224,30 @@ def spec_table(result) -> Table | None:
     for col in ("model", "prompt", "plain tok/s", "spec tok/s", "×", "accept", "tok/step", "draft tokens accepted: steps", "same"):
         table.add_column(col, justify="left" if col in ("model", "prompt", "draft tokens accepted: steps") else "right")
     for p in result.spec:
-        table.add_row(p.model, p.prompt, f"{p.plain_tokens_per_s:.1f}", f"{p.spec_tokens_per_s:.1f}", f"{p.speedup:.2f}×",
-                      f"{p.acceptance_rate:.0%}", f"{p.mean_tokens_per_step:.2f}", str(p.histogram), "yes" if p.identical else "[red]NO[/]")
+        table.add_row(
+            p.model,
+            p.prompt,
+            f"{p.plain_tokens_per_s:.1f}",
+            f"{p.spec_tokens_per_s:.1f}",
+            f"{p.speedup:.2f}×",
+            f"{p.acceptance_rate:.0%}",
+            f"{p.mean_tokens_per_step:.2f}",
+            str(p.histogram),
+            "yes" if p.identical else "[red]NO[/]",
+        )
     return table
 
 
 def print_bench(result) -> None:
     """Every table of a bench result that has data, then the chart."""
-    for table in (bench_header_table(result), leakage_table(result), perplexity_table(result), speed_table(result), spec_table(result), maxlen_table(result)):
+    for table in (
+        bench_header_table(result),
+        leakage_table(result),
+        perplexity_table(result),
+        speed_table(result),
+        spec_table(result),
+        maxlen_table(result),
+    ):
         if table is not None:
             stdout.print(table)
     chart = decode_chart(result)
@@ -266,29 +298,60 @@ def bench_json(result) -> dict:
     }
     if result.perplexity:
         any_ = next(iter(result.perplexity.values()))
-        fig = lambda r: {"perplexity": r.perplexity, "nll": r.nll, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s}  # noqa: E731
-        ppl = {"window": any_.window, "windows": any_.windows, "tokens": any_.tokens, "scored": any_.scored, **roles(result.perplexity, fig)}
+        fig = lambda r: {"perplexity": r.perplexity, "nll": r.nll, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s}
+        ppl = {
+            "window": any_.window,
+            "windows": any_.windows,
+            "tokens": any_.tokens,
+            "scored": any_.scored,
+            **roles(result.perplexity, fig),
+        }
         ppl["ratio"] = _div(*(ppl[r] and ppl[r]["perplexity"] for r in ("linearized", "original")))
         out["perplexity"] = ppl
     if result.max_length:
         any_ = next(iter(next(iter(result.max_length.values())).values()))
-        ml = {"budget_bytes": any_.budget_bytes, "cap": any_.cap, "trial_timeout_s": any_.timeout_s, "granularity": any_.granularity,
-              "start": result.settings.max_len_start, "new_tokens": result.settings.maxlen_new_tokens, "forward": None, "generate": None}
-        fig = lambda r: {"max_length": r.max_length, "bound": r.bound, "first_failure": r.first_failure, "loaded_bytes": r.loaded_bytes,  # noqa: E731
-                         "seconds": r.seconds, "trials": [asdict(t) for t in r.trials]}
+        ml = {
+            "budget_bytes": any_.budget_bytes,
+            "cap": any_.cap,
+            "trial_timeout_s": any_.timeout_s,
+            "granularity": any_.granularity,
+            "start": result.settings.max_len_start,
+            "new_tokens": result.settings.maxlen_new_tokens,
+            "forward": None,
+            "generate": None,
+        }
+        fig = lambda r: {
+            "max_length": r.max_length,
+            "bound": r.bound,
+            "first_failure": r.first_failure,
+            "loaded_bytes": r.loaded_bytes,
+            "seconds": r.seconds,
+            "trials": [asdict(t) for t in r.trials],
+        }
         for mode, pair in result.max_length.items():
             ml[mode] = roles(pair, fig)
             ml[mode]["ratio"] = _div(*(ml[mode][r] and ml[mode][r]["max_length"] for r in ("linearized", "original")))
         out["max_length"] = ml
     if result.speed:
         any_ = next(iter(result.speed.values()))
-        sp = {"contexts": list(result.settings.contexts), "decode_tokens": any_.decode_tokens, "repeats": result.settings.repeats,
-              "prefill_chunk": any_.prefill_chunk, "warmup": any_.warmup, **roles(result.speed, lambda r: [asdict(p) for p in r.points])}
+        sp = {
+            "contexts": list(result.settings.contexts),
+            "decode_tokens": any_.decode_tokens,
+            "repeats": result.settings.repeats,
+            "prefill_chunk": any_.prefill_chunk,
+            "warmup": any_.warmup,
+            **roles(result.speed, lambda r: [asdict(p) for p in r.points]),
+        }
         ratios = []
         if sp["original"] and sp["linearized"]:
             for a, b in zip(sp["original"], sp["linearized"]):
-                ratios.append({"context": a["context"], "prefill": _div(b["prefill_tokens_per_s"], a["prefill_tokens_per_s"]),
-                               "decode": _div(b["decode_tokens_per_s"], a["decode_tokens_per_s"])})
+                ratios.append(
+                    {
+                        "context": a["context"],
+                        "prefill": _div(b["prefill_tokens_per_s"], a["prefill_tokens_per_s"]),
+                        "decode": _div(b["decode_tokens_per_s"], a["decode_tokens_per_s"]),
+                    }
+                )
         sp["ratio"] = ratios
         out["speed"] = sp
     if result.leakage is not None:
@@ -332,11 +395,18 @@ def write_plot(result, path) -> bool:
         if trials:
             ok = [t for t in trials if t.outcome == "ok"]
             bad = [t for t in trials if t.outcome != "ok"]
-            axes[2].plot([t.length for t in ok], [t.peak_bytes / 2**20 for t in ok], "s", color=colors[role], alpha=0.6,
-                         label=f"{role}: peak, prefill+generate (ok)")
+            axes[2].plot(
+                [t.length for t in ok],
+                [t.peak_bytes / 2**20 for t in ok],
+                "s",
+                color=colors[role],
+                alpha=0.6,
+                label=f"{role}: peak, prefill+generate (ok)",
+            )
             if bad:
-                axes[2].plot([t.length for t in bad], [t.peak_bytes / 2**20 for t in bad], "x", color=colors[role],
-                             label=f"{role}: peak at failure")
+                axes[2].plot(
+                    [t.length for t in bad], [t.peak_bytes / 2**20 for t in bad], "x", color=colors[role], label=f"{role}: peak at failure"
+                )
     budget = next((r.budget_bytes for pair in ml.values() for r in pair.values() if r.budget_bytes), None) if ml else None
     if budget:
         axes[2].axhline(budget / 2**20, color="gray", ls="--", lw=1, label="memory budget")

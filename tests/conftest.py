@@ -38,16 +38,24 @@ _SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 def tiny_config(arch: str, **overrides) -> PreTrainedConfig:
     """A 2-layer, 32-wide config of family ``arch`` (llama, mistral, qwen2 or gpt2)."""
     if arch == "gpt2":
-        kw = dict(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        kw = dict(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
         kw.update(overrides)
         return GPT2Config(**kw)
     classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
     if arch not in classes:
         raise ValueError(f"no tiny config for {arch!r}; known: {', '.join(TINY_ARCHS)}")
-    kw = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    kw = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     kw.update(overrides)
     return classes[arch](**kw)
 
@@ -58,8 +66,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=_SPECIALS, show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> PreTrainedModel:
@@ -85,7 +92,9 @@ def converted(arch: str = "llama", variant: str = "augmented", seed: int = 0, **
     from linconv.models.hf import linconv_tensor_names
 
     options = {"group_size": 4, "conv_kernel": 3, **options}
-    model = linconv.convert(tiny_model(arch, seed, eos_token_id=None), linconv.LinearizeConfig(attention=variant, allow_noncausal=True, **options))
+    model = linconv.convert(
+        tiny_model(arch, seed, eos_token_id=None), linconv.LinearizeConfig(attention=variant, allow_noncausal=True, **options)
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         params = dict(model.named_parameters())

@@ -28,8 +28,22 @@ from linconv.errors import LinconvError
 
 runner = CliRunner()
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog. linear attention replaces softmax with a kernel feature map."] * 60)
-FAST = ["--ppl-window", "32", "--ppl-tokens", "256", "--contexts", "8,16", "--decode-tokens", "3", "--repeats", "1", "--threads", "1", "--device", "cpu"]
-
+FAST = [
+    "--ppl-window",
+    "32",
+    "--ppl-tokens",
+    "256",
+    "--contexts",
+    "8,16",
+    "--decode-tokens",
+    "3",
+    "--repeats",
+    "1",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +183,44 @@ class FakeTrial:
 
 
 EXPECTED_KEYS = {
-    "": ["completed", "created", "environment", "errors", "leakage", "max_length", "models", "perplexity", "schema_version", "settings", "spec", "speed", "status", "text"],
-    "settings": ["baseline", "checkpoint", "contexts", "decode_tokens", "device", "dtype", "granularity", "max_len_cap", "max_len_start",
-                 "maxlen_new_tokens", "memory_budget_gib", "ppl_tokens", "ppl_window", "prefill_chunk", "repeats", "spec_tokens", "tasks", "text", "threads", "trial_timeout_s"],
+    "": [
+        "completed",
+        "created",
+        "environment",
+        "errors",
+        "leakage",
+        "max_length",
+        "models",
+        "perplexity",
+        "schema_version",
+        "settings",
+        "spec",
+        "speed",
+        "status",
+        "text",
+    ],
+    "settings": [
+        "baseline",
+        "checkpoint",
+        "contexts",
+        "decode_tokens",
+        "device",
+        "dtype",
+        "granularity",
+        "max_len_cap",
+        "max_len_start",
+        "maxlen_new_tokens",
+        "memory_budget_gib",
+        "ppl_tokens",
+        "ppl_window",
+        "prefill_chunk",
+        "repeats",
+        "spec_tokens",
+        "tasks",
+        "text",
+        "threads",
+        "trial_timeout_s",
+    ],
     "environment": ["cpu_count", "device", "device_name", "dtype", "linconv", "platform", "python", "threads", "torch", "transformers"],
     "perplexity": ["linearized", "original", "ratio", "scored", "tokens", "window", "windows"],
     "perplexity.original": ["nll", "perplexity", "seconds", "tokens_per_s"],
@@ -187,8 +236,24 @@ EXPECTED_KEYS = {
 def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
     monkeypatch.setattr(run_mod, "ProcessTrial", FakeTrial)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    res = runner.invoke(app, ["bench", str(folders["ckpt"]), "--text", str(folders["text"]), *FAST,
-                              "--max-len-cap", "16384", "--granularity", "512", "--json", str(out), "--plot", str(png)])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(folders["ckpt"]),
+            "--text",
+            str(folders["text"]),
+            *FAST,
+            "--max-len-cap",
+            "16384",
+            "--granularity",
+            "512",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "Perplexity" in res.output and "Max sequence length" in res.output and "decode tokens/s vs context" in res.output
     data = json.loads(out.read_text())
@@ -198,7 +263,15 @@ def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
         for part in filter(None, path.split(".")):
             node = node[part]
         assert sorted(node) == keys, path
-    assert sorted(data["speed"]["original"][0]) == ["context", "decode_ms_per_token", "decode_tokens_per_s", "prefill_seconds", "prefill_tokens_per_s", "repeats", "state_bytes"]
+    assert sorted(data["speed"]["original"][0]) == [
+        "context",
+        "decode_ms_per_token",
+        "decode_tokens_per_s",
+        "prefill_seconds",
+        "prefill_tokens_per_s",
+        "repeats",
+        "state_bytes",
+    ]
     assert sorted(data["max_length"]["forward"]["linearized"]["trials"][0]) == ["length", "outcome", "peak_bytes", "seconds"]
     gen = data["max_length"]["generate"]
     assert gen["original"]["bound"] == "memory" and 2560 <= gen["original"]["max_length"] <= 3000
@@ -252,17 +325,35 @@ def test_different_tokenizers_are_refused(folders, tmp_path):
     save_tiny("llama", other)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["a completely different corpus of words"] * 3, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"], show_progress=False))
+    tok.train_from_iterator(
+        ["a completely different corpus of words"] * 3, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"], show_progress=False)
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(other)
-    res = runner.invoke(app, ["bench", str(folders["ckpt"]), "--baseline", str(other), "--tasks", "ppl", "--text", str(folders["text"]), *FAST])
+    res = runner.invoke(
+        app, ["bench", str(folders["ckpt"]), "--baseline", str(other), "--tasks", "ppl", "--text", str(folders["text"]), *FAST]
+    )
     one_line_error(res, "different tokenizers")
 
 
 def test_partial_results_are_saved_when_a_later_task_fails(folders, tmp_path):
     """Perplexity succeeds; max length then fails (the budget is below a loaded Python + torch): exit 1, JSON kept."""
     out = tmp_path / "partial.json"
-    res = runner.invoke(app, ["bench", str(folders["ckpt"]), "--tasks", "ppl,maxlen", "--text", str(folders["text"]),
-                              "--memory-budget", "0.05", "--json", str(out), *FAST])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(folders["ckpt"]),
+            "--tasks",
+            "ppl,maxlen",
+            "--text",
+            str(folders["text"]),
+            "--memory-budget",
+            "0.05",
+            "--json",
+            str(out),
+            *FAST,
+        ],
+    )
     one_line_error(res, "maxlen:", "smaller than the model", "partial results")
     data = json.loads(out.read_text())
     assert data["status"] == "failed" and data["completed"] == ["ppl"]
@@ -272,7 +363,22 @@ def test_partial_results_are_saved_when_a_later_task_fails(folders, tmp_path):
 
 def test_baseline_none_and_the_no_baseline_tables(folders, tmp_path):
     out = tmp_path / "solo.json"
-    res = runner.invoke(app, ["bench", str(folders["ckpt"]), "--baseline", "none", "--tasks", "ppl,leakage", "--text", str(folders["text"]), "--json", str(out), *FAST])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(folders["ckpt"]),
+            "--baseline",
+            "none",
+            "--tasks",
+            "ppl,leakage",
+            "--text",
+            str(folders["text"]),
+            "--json",
+            str(out),
+            *FAST,
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["models"]["original"] is None and data["perplexity"]["original"] is None and data["perplexity"]["ratio"] is None
@@ -280,8 +386,23 @@ def test_baseline_none_and_the_no_baseline_tables(folders, tmp_path):
 
 def test_spec_decode_section(folders, tmp_path):
     out = tmp_path / "s.json"
-    res = runner.invoke(app, ["bench", str(folders["ckpt"]), "--text", str(folders["text"]), *FAST, "--tasks", "leakage",
-                              "--spec-decode", "--spec-tokens", "6", "--json", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            str(folders["ckpt"]),
+            "--text",
+            str(folders["text"]),
+            *FAST,
+            "--tasks",
+            "leakage",
+            "--spec-decode",
+            "--spec-tokens",
+            "6",
+            "--json",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "Speculative decoding" in res.output
     spec = json.loads(out.read_text())["spec"]

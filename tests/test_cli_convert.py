@@ -99,7 +99,9 @@ def test_bad_sources_are_one_line_errors(tmp_path):
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "bert")
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "bert"
+    )
     result = invoke(tmp_path / "bert", tmp_path / "out")
     assert result.exit_code == 1 and "llama" in result.output and "gpt2" in result.output
 

@@ -17,17 +17,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import linconv
+from linconv.bench.perplexity import perplexity
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
-from linconv.bench.perplexity import perplexity
 from linconv.finetune import FinetuneConfig, Reporter, finetune, lora_target_modules, resume_folder
 from linconv.loss import lm_loss
 from linconv.models.hf import linconv_tensor_names
 from linconv.speculative.medusa import MedusaHeads, load_medusa, medusa_loss, save_medusa
 
 runner = CliRunner()
-
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,20 @@ def new_params(arch: str, data) -> set[str]:
 
 def test_losses_decrease(data, tmp_path):
     """One window seen over and over: the transfer MSE, the LM loss and the Medusa loss fall."""
-    result = run(data, tmp_path / "out", text=str(data / "one.txt"), batch_size=1, transfer_steps=10, lora_steps=10,
-                 medusa_heads=2, medusa_steps=10, transfer_lr=1e-2, lr=3e-2, medusa_lr=1e-1, warmup=0.0)
+    result = run(
+        data,
+        tmp_path / "out",
+        text=str(data / "one.txt"),
+        batch_size=1,
+        transfer_steps=10,
+        lora_steps=10,
+        medusa_heads=2,
+        medusa_steps=10,
+        transfer_lr=1e-2,
+        lr=3e-2,
+        medusa_lr=1e-1,
+        warmup=0.0,
+    )
     transfer, lora, medusa = (s.losses for s in result.stages)
     assert transfer[-1] < 0.97 * transfer[0] and lora[-1] < 0.95 * lora[0] and medusa[-1] < 0.9 * medusa[0], result.stages
     assert sum(lora[-3:]) < sum(lora[:3]) and sum(transfer[-3:]) < sum(transfer[:3])
@@ -138,8 +149,17 @@ class Interrupter(Reporter):
 
 
 def test_resume_is_identical_to_an_uninterrupted_run(data, tmp_path):
-    cfg = FinetuneConfig(text=str(data / "text.txt"), seq_len=16, batch_size=2, transfer_steps=4, lora_steps=5,
-                         medusa_heads=2, medusa_steps=4, lr=1e-2, save_every=2)
+    cfg = FinetuneConfig(
+        text=str(data / "text.txt"),
+        seq_len=16,
+        batch_size=2,
+        transfer_steps=4,
+        lora_steps=5,
+        medusa_heads=2,
+        medusa_steps=4,
+        lr=1e-2,
+        save_every=2,
+    )
     straight = finetune(data / "llama", tmp_path / "a", cfg, device="cpu")
     out = tmp_path / "b"
     for at in [("transfer", 1), ("lora", 3), ("medusa", 2)]:
@@ -168,11 +188,31 @@ def test_periodic_save_and_cli_resume(data, tmp_path):
     reporter = SeesPeriodicSave([("transfer", 3)])
     reporter.out = out
     with pytest.raises(KeyboardInterrupt):
-        finetune(data / "llama", out, FinetuneConfig(text=str(data / "text.txt"), seq_len=16, transfer_steps=6, lora_steps=0,
-                 save_every=2), device="cpu", reporter=reporter)
+        finetune(
+            data / "llama",
+            out,
+            FinetuneConfig(text=str(data / "text.txt"), seq_len=16, transfer_steps=6, lora_steps=0, save_every=2),
+            device="cpu",
+            reporter=reporter,
+        )
     assert reporter.saved == 2  # written by --save-every before the Ctrl-C
-    args = ["finetune", data / "llama", out, "--text", data / "text.txt", "--seq-len", 16, "--transfer-steps", 6,
-            "--lora-steps", 0, "--save-every", 2, "--device", "cpu"]
+    args = [
+        "finetune",
+        data / "llama",
+        out,
+        "--text",
+        data / "text.txt",
+        "--seq-len",
+        16,
+        "--transfer-steps",
+        6,
+        "--lora-steps",
+        0,
+        "--save-every",
+        2,
+        "--device",
+        "cpu",
+    ]
     result = runner.invoke(app, [*map(str, args), "--seq-len", "8", "--resume"])
     assert result.exit_code == 1 and "--seq-len 16 (now 8)" in result.output
     result = runner.invoke(app, [*map(str, args), "--resume"])
@@ -181,8 +221,7 @@ def test_periodic_save_and_cli_resume(data, tmp_path):
 
 
 def test_eval_every_reports_heldout_perplexity(data, tmp_path):
-    result = run(data, tmp_path / "out", transfer_steps=2, lora_steps=2, eval_every=1, eval_windows=2,
-                 eval_text=str(data / "text.txt"))
+    result = run(data, tmp_path / "out", transfer_steps=2, lora_steps=2, eval_every=1, eval_windows=2, eval_text=str(data / "text.txt"))
     assert [(e["stage"], e["step"]) for e in result.evals] == [("start", 0), ("transfer", 1), ("transfer", 2), ("lora", 1), ("lora", 2)]
     model, tok = linconv.load(tmp_path / "out")
     tokens = torch.tensor(tok(("\n".join(_CORPUS) + "\n") * 12, add_special_tokens=False)["input_ids"])
@@ -259,8 +298,12 @@ def test_medusa_stage_trains_heads_on_the_frozen_model(data, tmp_path):
 
 def test_lora_target_names():
     llama = linconv.convert(tiny_model("llama"), linconv.LinearizeConfig(keep_softmax_layers=[1]))
-    assert lora_target_modules(llama, "q,o") == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj",
-                                                 "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]
+    assert lora_target_modules(llama, "q,o") == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.o_proj",
+    ]
     gpt2 = linconv.convert(tiny_model("gpt2"))
     assert lora_target_modules(gpt2, "q,k,v") == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
     with pytest.raises(LinconvError, match="valid targets: q, k, v, o, c_attn, c_proj"):
@@ -275,8 +318,23 @@ def invoke(*args):
 
 
 def test_cli_runs_and_prints_a_summary(data, tmp_path):
-    result = invoke(data / "llama", tmp_path / "out", "--text", data / "text.txt", "--seq-len", 16, "--transfer-steps", 2,
-                    "--lora-steps", 2, "--lora-targets", "q,v", "--no-merge", "--device", "cpu")
+    result = invoke(
+        data / "llama",
+        tmp_path / "out",
+        "--text",
+        data / "text.txt",
+        "--seq-len",
+        16,
+        "--transfer-steps",
+        2,
+        "--lora-steps",
+        2,
+        "--lora-targets",
+        "q,v",
+        "--no-merge",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "Fine-tuned" in result.output and "lora" in result.output
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
@@ -291,7 +349,10 @@ def _bad_inputs(data, tmp_path):
         (["--text", data / "one.txt", "--seq-len", 64], "fewer than one --seq-len window of 64"),
         ([*common, "--lora-rank", 0], "--lora-rank must be > 0"),
         ([*common, "--lora-rank", -2], "--lora-rank must be > 0"),
-        ([*common, "--lora-targets", "q,x"], "unknown LoRA target 'x' for a llama model; valid targets: q, k, v, o, q_proj, k_proj, v_proj, o_proj"),
+        (
+            [*common, "--lora-targets", "q,x"],
+            "unknown LoRA target 'x' for a llama model; valid targets: q, k, v, o, q_proj, k_proj, v_proj, o_proj",
+        ),
         ([*common, "--resume"], "nothing to resume"),
         ([*common, "--seq-len", 0], "--seq-len must be > 0"),
         ([*common, "--transfer-steps", 0, "--lora-steps", 0], "nothing to do"),
@@ -336,15 +397,34 @@ def test_bad_paths_are_one_line_errors(data, tmp_path, tiny_dir):
 
 def test_two_processes_with_gloo_match_one_process(data, tmp_path):
     """Two CPU processes (gloo) with batch 1 each == one process with batch 2."""
-    common = ["finetune", str(data / "llama"), "--text", str(data / "text.txt"), "--seq-len", "16", "--transfer-steps", "3",
-              "--lora-steps", "3", "--lr", "1e-2", "--device", "cpu"]
+    common = [
+        "finetune",
+        str(data / "llama"),
+        "--text",
+        str(data / "text.txt"),
+        "--seq-len",
+        "16",
+        "--transfer-steps",
+        "3",
+        "--lora-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--device",
+        "cpu",
+    ]
     # torchrun (what `accelerate launch --multi_gpu` runs); --standalone picks a free port
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(linconv.__file__).parents[1])}
     script = "import sys; from linconv.cli import app; app(sys.argv[1:])"
     (tmp_path / "cli.py").write_text(script)
-    proc = subprocess.run([*launcher, str(tmp_path / "cli.py"), *common[:2], str(tmp_path / "two"), *common[2:], "--batch-size", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*launcher, str(tmp_path / "cli.py"), *common[:2], str(tmp_path / "two"), *common[2:], "--batch-size", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "two" / "model.safetensors").is_file()
     card = json.loads((tmp_path / "two" / "linconv.json").read_text())
@@ -367,16 +447,25 @@ def test_variant_without_trainable_attention_parameters_skips_transfer(tmp_path)
         def message(self, text):
             messages.append(text)
 
-    result = finetune(tmp_path / "relu", tmp_path / "out", FinetuneConfig(text=str(tmp_path / "text.txt"), seq_len=16,
-                      transfer_steps=2, lora_steps=1), device="cpu", reporter=Log())
+    result = finetune(
+        tmp_path / "relu",
+        tmp_path / "out",
+        FinetuneConfig(text=str(tmp_path / "text.txt"), seq_len=16, transfer_steps=2, lora_steps=1),
+        device="cpu",
+        reporter=Log(),
+    )
     assert any("transfer: this model has no trainable attention parameters" in m for m in messages)
     assert [s.name for s in result.stages if s.losses] == ["lora"]
 
 
 def test_finetuning_a_finetuned_checkpoint_keeps_its_history(data, tmp_path):
     run(data, tmp_path / "first", transfer_steps=1, eval_every=1, eval_windows=1, eval_text=str(data / "text.txt"))
-    finetune(tmp_path / "first", tmp_path / "second", FinetuneConfig(text=str(data / "text.txt"), seq_len=16, transfer_steps=0,
-             lora_steps=1), device="cpu")
+    finetune(
+        tmp_path / "first",
+        tmp_path / "second",
+        FinetuneConfig(text=str(data / "text.txt"), seq_len=16, transfer_steps=0, lora_steps=1),
+        device="cpu",
+    )
     card = json.loads((tmp_path / "second" / "linconv.json").read_text())
     assert card["finetuned_from"] == str(tmp_path / "first") and card["finetune"]["lora_steps"] == 1
     assert "heldout_perplexity" not in card

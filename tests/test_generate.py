@@ -18,7 +18,6 @@ CAUSAL = [n for n, v in VARIANTS.items() if v.causal]
 runner = CliRunner()
 
 
-
 def softmax_model(arch="llama", seed=0, **overrides):
     torch.manual_seed(seed)
     overrides = {"eos_token_id": None, **overrides}
@@ -126,7 +125,7 @@ def peak_tensor_bytes(fn) -> int:
 
 def test_chunked_prefill_memory_does_not_grow_with_the_prompt():
     model = converted("llama", group_size=64, conv_kernel=32)
-    peaks = [peak_tensor_bytes(lambda: generate(model, prompt(n), max_new_tokens=1, prefill_chunk=256)) for n in (1024, 4096)]
+    peaks = [peak_tensor_bytes(lambda n=n: generate(model, prompt(n), max_new_tokens=1, prefill_chunk=256)) for n in (1024, 4096)]
     assert peaks[1] <= 1.05 * peaks[0], peaks
 
 
@@ -167,7 +166,9 @@ def test_stop_tokens_and_stop_strings():
     # a stop string spanning a token boundary: text cut before it; streamed text == final text
     stop = text[len(text) // 2 - 1 : len(text) // 2 + 2]
     streamed = []
-    res = generate(model, ids, max_new_tokens=12, stop_strings=["zzz-never", stop], tokenizer=tok, on_token=lambda r, t, s: streamed.append(s))
+    res = generate(
+        model, ids, max_new_tokens=12, stop_strings=["zzz-never", stop], tokenizer=tok, on_token=lambda r, t, s: streamed.append(s)
+    )
     assert res.finish_reasons == ["stop_string"] and res.texts[0] == text[: text.index(stop)]
     assert "".join(streamed) == res.texts[0] and len(streamed) == len(res.tokens[0])
     assert res.tokens[0] == free.tokens[0][: len(res.tokens[0])] and len(res.tokens[0]) < 12
@@ -266,12 +267,35 @@ def test_cli_streams_text_and_reports_speed(checkpoint):
     model, tok = linconv.load(checkpoint)
     expected = generate(model, tok("hello world")["input_ids"], max_new_tokens=6, tokenizer=tok)
     assert result.stdout.startswith(expected.texts[0])
-    assert f"prompt {len(tok('hello world')['input_ids'])} tokens · generated 6 tokens" in result.stderr and "decode" in result.stderr and "state" in result.stderr
+    assert (
+        f"prompt {len(tok('hello world')['input_ids'])} tokens · generated 6 tokens" in result.stderr
+        and "decode" in result.stderr
+        and "state" in result.stderr
+    )
 
 
 def test_cli_prompt_file_sampling_and_stop(checkpoint, tmp_path):
     (tmp_path / "p.txt").write_text("the quick brown fox")
-    args = [checkpoint, "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", 10, "--temperature", 0.8, "--top-k", 20, "--top-p", 0.9, "--seed", 3, "--stop", "zzz", "--stop", "qqq", "--no-chat"]
+    args = [
+        checkpoint,
+        "--prompt-file",
+        tmp_path / "p.txt",
+        "--max-new-tokens",
+        10,
+        "--temperature",
+        0.8,
+        "--top-k",
+        20,
+        "--top-p",
+        0.9,
+        "--seed",
+        3,
+        "--stop",
+        "zzz",
+        "--stop",
+        "qqq",
+        "--no-chat",
+    ]
     first, second = invoke(*args), invoke(*args)
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout
@@ -300,7 +324,11 @@ def test_cli_bad_input_is_a_one_line_error(checkpoint, args, message):
 def test_cli_refuses_a_folder_that_is_not_linconv(tmp_path):
     save_tiny("llama", tmp_path / "plain")
     (tmp_path / "empty").mkdir()
-    for folder, message in [(tmp_path / "plain", "not a linconv checkpoint"), (tmp_path / "empty", "no config.json"), (tmp_path / "missing", "does not exist")]:
+    for folder, message in [
+        (tmp_path / "plain", "not a linconv checkpoint"),
+        (tmp_path / "empty", "no config.json"),
+        (tmp_path / "missing", "does not exist"),
+    ]:
         result = invoke(folder, "--prompt", "hi")
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
 

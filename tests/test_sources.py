@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_ARCHS
 from transformers import AutoModelForCausalLM, BertConfig
 
-from conftest import TINY_ARCHS
 from linconv.errors import LinconvError
 from linconv.sources import default_model_path, load_source
 
@@ -55,8 +55,7 @@ def test_folder_without_config(tmp_path):
 
 def test_unsupported_non_causal_type_lists_supported(tmp_path):
     folder = tmp_path / "bert"
-    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=64).save_pretrained(folder)
+    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64).save_pretrained(folder)
     with pytest.raises(LinconvError) as err:  # no weights in the folder: the config check comes first
         load_source(folder, SUPPORTED)
     msg = _one_line(err)

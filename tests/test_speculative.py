@@ -76,7 +76,7 @@ def test_state_after_speculation_equals_state_after_plain_decoding():
     logits, past, context = out.logits[0, -1], len(PROMPT), list(PROMPT)
     while past < len(PROMPT) + 12:
         root = int(logits.argmax())
-        tree = CandidateTree.from_paths(root, draft.propose(context + [root]))
+        tree = CandidateTree.from_paths(root, draft.propose([*context, root]))
         _, tree_logits = V.verify(model, spec, tree, past)
         path = V.accept_greedy(tree, tree_logits)
         V.commit(model, spec, past, path)
@@ -194,5 +194,8 @@ def test_speculative_sampling_is_seeded_and_runs_with_drafts():
     from linconv.generate import Sampler
 
     model = converted("llama", group_size=4)
-    runs = [speculative_generate(model, PROMPT, PromptLookup(num_tokens=4), max_new_tokens=12, sampler=Sampler(0.8, seed=3)).tokens for _ in range(2)]
+    runs = [
+        speculative_generate(model, PROMPT, PromptLookup(num_tokens=4), max_new_tokens=12, sampler=Sampler(0.8, seed=3)).tokens
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1] and len(runs[0]) == 12

@@ -154,7 +154,7 @@ class LinconvAttention(nn.Module):
 
     def _linformer(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         T = q.shape[2]
-        if T > self.linformer_proj.shape[1]:
+        if self.linformer_proj.shape[1] < T:
             raise LinconvError(f"linformer was built for at most {self.linformer_proj.shape[1]} tokens, got {T}")
         E = self.linformer_proj[:, :T].to(k.dtype)  # [r, T]: mixes all positions, the future included
         return F.scaled_dot_product_attention(q, E @ k, E @ v)

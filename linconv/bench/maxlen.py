@@ -154,7 +154,9 @@ def run_work(model: nn.Module, mode: str, n: int, *, new_tokens: int = 8, prefil
         window_nll(model, trial_ids(n, model.config.vocab_size)[None].to(device))
     elif mode == "generate":
         prompt = trial_ids(max(1, n - new_tokens), model.config.vocab_size)
-        generate(model, prompt.tolist(), max_new_tokens=new_tokens, stop_token_ids=(), prefill_chunk=prefill_chunk, ignore_context_limit=True)
+        generate(
+            model, prompt.tolist(), max_new_tokens=new_tokens, stop_token_ids=(), prefill_chunk=prefill_chunk, ignore_context_limit=True
+        )
     else:
         raise LinconvError(f"unknown max-length mode {mode!r}; choose from {', '.join(MODES)}")
 
@@ -225,8 +227,14 @@ class ProcessTrial:
     ):
         if mode not in MODES:
             raise LinconvError(f"unknown max-length mode {mode!r}; choose from {', '.join(MODES)}")
-        self.spec = {"model": str(model_dir), "mode": mode, "dtype": dtype, "new_tokens": new_tokens,
-                     "prefill_chunk": prefill_chunk, "threads": threads or torch.get_num_threads()}
+        self.spec = {
+            "model": str(model_dir),
+            "mode": mode,
+            "dtype": dtype,
+            "new_tokens": new_tokens,
+            "prefill_chunk": prefill_chunk,
+            "threads": threads or torch.get_num_threads(),
+        }
         self.budget, self.timeout, self.poll, self.startup_timeout = budget_bytes, timeout_s, poll_s, startup_timeout_s
         self.loaded_bytes: int | None = None  # RSS of the first child once its model was loaded
 
@@ -250,7 +258,7 @@ class ProcessTrial:
         def read() -> None:
             for line in proc.stdout:
                 if line.startswith(_MARK):
-                    events.put(json.loads(line[len(_MARK):]))
+                    events.put(json.loads(line[len(_MARK) :]))
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
@@ -293,7 +301,9 @@ class ProcessTrial:
         seconds = time.monotonic() - loaded_at if loaded_at is not None else 0.0
         if killed == MEMORY and loaded_at is None:
             gib = self.budget / GIB
-            raise LinconvError(f"--memory-budget {gib:.2f} GiB is smaller than the model: the process passed it while loading the model, before any work")
+            raise LinconvError(
+                f"--memory-budget {gib:.2f} GiB is smaller than the model: the process passed it while loading the model, before any work"
+            )
         if killed:
             return Trial(n, killed, seconds, peak)
         if done is None:
@@ -388,8 +398,19 @@ def max_length(
 ) -> MaxLenResult:
     """Search with ``trial`` (a :class:`ProcessTrial` or :class:`CudaTrial`) and package the result."""
     found = search_max_length(trial, start=start, cap=cap, granularity=granularity, min_length=new_tokens + 1 if mode == "generate" else 2)
-    return MaxLenResult(mode, found.max_length, found.bound, found.first_failure, granularity, cap, timeout_s,
-                        budget_bytes, getattr(trial, "loaded_bytes", None), new_tokens if mode == "generate" else 0, found.trials)
+    return MaxLenResult(
+        mode,
+        found.max_length,
+        found.bound,
+        found.first_failure,
+        granularity,
+        cap,
+        timeout_s,
+        budget_bytes,
+        getattr(trial, "loaded_bytes", None),
+        new_tokens if mode == "generate" else 0,
+        found.trials,
+    )
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ from linconv.bench.maxlen import GIB, MODES, CudaTrial, MaxLenResult, ProcessTri
 from linconv.bench.perplexity import PerplexityResult, perplexity
 from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
-from linconv.speculative.drafts import PromptLookup
 from linconv.config import parse_dtype
 from linconv.data import same_tokenizer
 from linconv.errors import LinconvError
+from linconv.speculative.drafts import PromptLookup
 
 SCHEMA_VERSION = 1
 TASKS = ("ppl", "maxlen", "speed", "leakage", "spec")
@@ -51,12 +51,32 @@ ROLES = ("original", "linearized")
 # add ~55-70 KB per token: under the 1.25 GiB budget it stops at ~5K tokens within a minute or two,
 # and the linearized model should reach the 32K cap (>= 6x). Contexts stay <= 4K so that the
 # original's quadratic prefill does not dominate the run.
-CPU_DEFAULTS = dict(memory_budget_gib=1.25, max_len_cap=32768, max_len_start=2048, granularity=1024, trial_timeout_s=180.0,
-                    contexts=(256, 1024, 4096), repeats=2, decode_tokens=16, prefill_chunk=512, ppl_tokens=16384)
+CPU_DEFAULTS = dict(
+    memory_budget_gib=1.25,
+    max_len_cap=32768,
+    max_len_start=2048,
+    granularity=1024,
+    trial_timeout_s=180.0,
+    contexts=(256, 1024, 4096),
+    repeats=2,
+    decode_tokens=16,
+    prefill_chunk=512,
+    ppl_tokens=16384,
+)
 # CUDA: the whole device unless --memory-budget; a CUDA trial cannot be interrupted, so the time limit
 # is checked when it ends and the cap bounds the longest trial.
-CUDA_DEFAULTS = dict(memory_budget_gib=None, max_len_cap=524288, max_len_start=2048, granularity=4096, trial_timeout_s=120.0,
-                     contexts=(256, 2048, 8192, 16384), repeats=3, decode_tokens=64, prefill_chunk=2048, ppl_tokens=131072)
+CUDA_DEFAULTS = dict(
+    memory_budget_gib=None,
+    max_len_cap=524288,
+    max_len_start=2048,
+    granularity=4096,
+    trial_timeout_s=120.0,
+    contexts=(256, 2048, 8192, 16384),
+    repeats=3,
+    decode_tokens=64,
+    prefill_chunk=2048,
+    ppl_tokens=131072,
+)
 
 Progress = Callable[[str, float, float | None, str], None]  # (label, completed, total or None, detail)
 
@@ -104,9 +124,15 @@ class BenchSettings:
         unknown = [t for t in out.tasks if t not in TASKS]
         if unknown or not out.tasks:
             raise LinconvError(f"unknown task {', '.join(unknown) or '(none)'}; choose from: {', '.join(TASKS)}")
-        positive = {"--max-len-cap": out.max_len_cap, "--trial-timeout": out.trial_timeout_s, "--ppl-window": out.ppl_window,
-                    "granularity": out.granularity, "--repeats": out.repeats, "--prefill-chunk": out.prefill_chunk,
-                    "max-length start": out.max_len_start}
+        positive = {
+            "--max-len-cap": out.max_len_cap,
+            "--trial-timeout": out.trial_timeout_s,
+            "--ppl-window": out.ppl_window,
+            "granularity": out.granularity,
+            "--repeats": out.repeats,
+            "--prefill-chunk": out.prefill_chunk,
+            "max-length start": out.max_len_start,
+        }
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise LinconvError(f"{name} must be > 0, got {value}")
@@ -143,9 +169,6 @@ class BenchResult:
         return "failed" if self.errors else "complete" if set(self.completed) >= set(self.settings.tasks) else "partial"
 
 
-
-
-
 def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
     import transformers
 
@@ -153,9 +176,16 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
-        "linconv": linconv.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
-        "device_name": name, "dtype": str(dtype).removeprefix("torch."), "threads": threads, "cpu_count": os.cpu_count(),
+        "linconv": linconv.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -164,9 +194,14 @@ def weights_bytes(model: nn.Module) -> int:
 
 
 def model_info(model: nn.Module, name: str) -> dict:
-    return {"name": name, "class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "weights_bytes": weights_bytes(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "linconv": getattr(model.config, "linconv", None)}
+    return {
+        "name": name,
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_bytes": weights_bytes(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "linconv": getattr(model.config, "linconv", None),
+    }
 
 
 def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | None):
@@ -239,12 +274,17 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
     result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads))
     result.models = {"linearized": model_info(model, name), **({"original": model_info(base, base_name)} if base is not None else {})}
     if base is not None and not same_tokenizer(tok, base_tok):
-        raise LinconvError(f"the checkpoint and the baseline {base_name} use different tokenizers; their perplexities are not comparable (pass --baseline with the original model, or --baseline none)")
+        raise LinconvError(
+            f"the checkpoint and the baseline {base_name} use different tokenizers; their perplexities "
+            "are not comparable (pass --baseline with the original model, or --baseline none)"
+        )
 
     tokens = None
     if "ppl" in s.tasks or "spec" in s.tasks:
         if tok is None:
-            raise LinconvError(f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop ppl/spec from --tasks")
+            raise LinconvError(
+                f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop ppl/spec from --tasks"
+            )
         say("reading the text…")
         spec, split = (None, s.text) if s.text in SPLITS else (s.text, "heldout")
         text = load_text(spec, split)
@@ -255,7 +295,10 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
         budget = int(s.memory_budget_gib * GIB)
         for role, m in models.items():
             if weights_bytes(m) >= budget:
-                raise LinconvError(f"--memory-budget {s.memory_budget_gib:g} GiB is smaller than the {role} model: its weights alone are {weights_bytes(m) / GIB:.2f} GiB")
+                raise LinconvError(
+                    f"--memory-budget {s.memory_budget_gib:g} GiB is smaller than the "
+                    f"{role} model: its weights alone are {weights_bytes(m) / GIB:.2f} GiB"
+                )
         if device.type == "cuda" and budget > torch.cuda.get_device_properties(device).total_memory:
             raise LinconvError(f"--memory-budget {s.memory_budget_gib:g} GiB is more than the device's memory")
 
@@ -300,7 +343,10 @@ def _perplexity(result: BenchResult, models, tokens, s: BenchSettings, progress:
     for role, m in models:
         label = f"perplexity · {role}"
         result.perplexity[role] = perplexity(
-            m, tokens, window=s.ppl_window, max_tokens=s.ppl_tokens or None,
+            m,
+            tokens,
+            window=s.ppl_window,
+            max_tokens=s.ppl_tokens or None,
             progress=lambda done, total, label=label: progress(label, done, total, f"{done}/{total} windows"),
         )
 
@@ -309,7 +355,11 @@ def _speed(result: BenchResult, models, s: BenchSettings, progress: Progress) ->
     for role, m in models:
         label = f"speed · {role}"
         result.speed[role] = speed(
-            m, s.contexts, decode_tokens=s.decode_tokens, repeats=s.repeats, prefill_chunk=s.prefill_chunk,
+            m,
+            s.contexts,
+            decode_tokens=s.decode_tokens,
+            repeats=s.repeats,
+            prefill_chunk=s.prefill_chunk,
             progress=lambda done, total, label=label: progress(label, done, total, ""),
         )
 
@@ -342,7 +392,9 @@ def _maxlen(result: BenchResult, models, s: BenchSettings, device, progress: Pro
                             alone.callback(other.to, device)
                     torch.cuda.empty_cache()
                 for mode in MODES:
-                    result.max_length.setdefault(mode, {})[role] = _search(role, m, mode, s, device, budget, progress, folders if device.type != "cuda" else None)
+                    result.max_length.setdefault(mode, {})[role] = _search(
+                        role, m, mode, s, device, budget, progress, folders if device.type != "cuda" else None
+                    )
 
 
 def _search(role: str, m: nn.Module, mode: str, s: BenchSettings, device, budget, progress: Progress, folders) -> MaxLenResult:
@@ -363,8 +415,14 @@ def _search(role: str, m: nn.Module, mode: str, s: BenchSettings, device, budget
         return r
 
     found = max_length(
-        trial, mode, start=min(s.max_len_start, s.max_len_cap), cap=s.max_len_cap, granularity=s.granularity,
-        timeout_s=s.trial_timeout_s, budget_bytes=budget, new_tokens=s.maxlen_new_tokens,
+        trial,
+        mode,
+        start=min(s.max_len_start, s.max_len_cap),
+        cap=s.max_len_cap,
+        granularity=s.granularity,
+        timeout_s=s.trial_timeout_s,
+        budget_bytes=budget,
+        new_tokens=s.maxlen_new_tokens,
     )
     found.loaded_bytes = runner.loaded_bytes
     progress(label, count[0], count[0], f"{found.max_length:,} tokens ({found.bound})")  # a total ends the bar's clock

@@ -14,27 +14,52 @@ def _d(key: str) -> str:
     """'CPU default X, CUDA Y' for a help text, straight from the defaults so they cannot drift."""
     from linconv.bench.run import CPU_DEFAULTS, CUDA_DEFAULTS
 
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else "the whole device" if v is None else f"{v:g}"  # noqa: E731
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else "the whole device" if v is None else f"{v:g}"
     return f"CPU default {show(CPU_DEFAULTS[key])}; CUDA {show(CUDA_DEFAULTS[key])}"
 
 
 @friendly
 def bench_command(
-    checkpoint: str | None = typer.Argument(None, help="A linconv checkpoint folder (default: a fresh conversion of the built-in SmolLM2-135M-Instruct)."),
-    baseline: str = typer.Option("auto", help="The original model to compare with: a folder, hub id or .gguf; 'auto' (the checkpoint's source) or 'none'."),
-    text: str | None = typer.Option(None, help="Perplexity text: a file, a folder of .txt, a datasets name, or a built-in split (heldout, britannica). Default: heldout."),
-    tasks: str = typer.Option("ppl,maxlen,speed,leakage", help="Comma-separated tasks: ppl, maxlen, speed, leakage (and spec, which --spec-decode adds)."),
-    memory_budget: float | None = typer.Option(None, help=f"Max-length memory budget in GiB: on CPU the RSS of each trial process, on CUDA a cap on device memory ({_d('memory_budget_gib')})."),
+    checkpoint: str | None = typer.Argument(
+        None, help="A linconv checkpoint folder (default: a fresh conversion of the built-in SmolLM2-135M-Instruct)."
+    ),
+    baseline: str = typer.Option(
+        "auto", help="The original model to compare with: a folder, hub id or .gguf; 'auto' (the checkpoint's source) or 'none'."
+    ),
+    text: str | None = typer.Option(
+        None,
+        help="Perplexity text: a file, a folder of .txt, a datasets name, or a built-in split (heldout, britannica). Default: heldout.",
+    ),
+    tasks: str = typer.Option(
+        "ppl,maxlen,speed,leakage", help="Comma-separated tasks: ppl, maxlen, speed, leakage (and spec, which --spec-decode adds)."
+    ),
+    memory_budget: float | None = typer.Option(
+        None,
+        help=(
+            "Max-length memory budget in GiB: on CPU the RSS of each trial "
+            f"process, on CUDA a cap on device memory ({_d('memory_budget_gib')})."
+        ),
+    ),
     max_len_cap: int | None = typer.Option(None, help=f"Longest length the max-length search tries ({_d('max_len_cap')})."),
-    trial_timeout: float | None = typer.Option(None, help=f"Seconds one max-length trial may work, model loading excluded ({_d('trial_timeout_s')})."),
-    granularity: int | None = typer.Option(None, help=f"The max-length bisection stops when the limit is known to this many tokens ({_d('granularity')})."),
+    trial_timeout: float | None = typer.Option(
+        None, help=f"Seconds one max-length trial may work, model loading excluded ({_d('trial_timeout_s')})."
+    ),
+    granularity: int | None = typer.Option(
+        None, help=f"The max-length bisection stops when the limit is known to this many tokens ({_d('granularity')})."
+    ),
     contexts: str | None = typer.Option(None, help=f"Context lengths for tokens/s ({_d('contexts')})."),
     decode_tokens: int | None = typer.Option(None, help=f"Tokens generated per speed measurement ({_d('decode_tokens')})."),
     repeats: int | None = typer.Option(None, help=f"Prefills per context length; the median is reported ({_d('repeats')})."),
-    prefill_chunk: int | None = typer.Option(None, help=f"Prompt tokens per prefill forward, for speed and max length ({_d('prefill_chunk')})."),
+    prefill_chunk: int | None = typer.Option(
+        None, help=f"Prompt tokens per prefill forward, for speed and max length ({_d('prefill_chunk')})."
+    ),
     ppl_window: int = typer.Option(1024, help="Tokens per perplexity window (non-overlapping)."),
     ppl_tokens: int | None = typer.Option(None, help=f"Tokens of the text used for perplexity, 0 for all ({_d('ppl_tokens')})."),
-    spec_decode: bool = typer.Option(False, "--spec-decode", help="Also measure greedy speculative decoding (prompt lookup) vs plain decoding, on grounded and open prompts."),
+    spec_decode: bool = typer.Option(
+        False,
+        "--spec-decode",
+        help="Also measure greedy speculative decoding (prompt lookup) vs plain decoding, on grounded and open prompts.",
+    ),
     spec_tokens: int = typer.Option(64, help="Tokens generated per speculative-decoding measurement."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure and the settings here (also after a failed task)."),
     plot: Path | None = typer.Option(None, help="Write a PNG of tokens/s and memory against context length."),
@@ -51,10 +76,24 @@ def bench_command(
     if plot is not None and plot.suffix.lower() != ".png":
         raise LinconvError(f"--plot must name a .png file, got {plot}")
     settings = BenchSettings(
-        checkpoint=checkpoint, baseline=baseline, text=text, tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) + (("spec",) if spec_decode else ()),
-        device=str(parse_device(device)), dtype=dtype, memory_budget_gib=memory_budget, max_len_cap=max_len_cap,
-        trial_timeout_s=trial_timeout, granularity=granularity, contexts=contexts, decode_tokens=decode_tokens,
-        repeats=repeats, prefill_chunk=prefill_chunk, ppl_window=ppl_window, ppl_tokens=ppl_tokens, threads=threads, spec_tokens=spec_tokens,
+        checkpoint=checkpoint,
+        baseline=baseline,
+        text=text,
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) + (("spec",) if spec_decode else ()),
+        device=str(parse_device(device)),
+        dtype=dtype,
+        memory_budget_gib=memory_budget,
+        max_len_cap=max_len_cap,
+        trial_timeout_s=trial_timeout,
+        granularity=granularity,
+        contexts=contexts,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        prefill_chunk=prefill_chunk,
+        ppl_window=ppl_window,
+        ppl_tokens=ppl_tokens,
+        threads=threads,
+        spec_tokens=spec_tokens,
     )
     settings.resolve()  # bad options fail before any model is loaded
 
@@ -62,8 +101,14 @@ def bench_command(
         if json_path is not None:
             report.write_json(result, json_path)
 
-    bars = Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                    console=console, transient=False)
+    bars = Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     ids: dict[str, int] = {}
 
     def progress(label: str, done: float, total: float | None, detail: str) -> None:

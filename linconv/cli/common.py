@@ -38,7 +38,6 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
-
 def parse_device(name: str | None) -> torch.device:
     """``auto`` (default): cuda when available, else cpu."""
     if name in (None, "auto"):

@@ -19,14 +19,24 @@ VARIANT_HELP = "Attention variant: " + "; ".join(f"{n}: {v.description}" for n, 
 
 @friendly
 def convert_command(
-    paths: list[str] = typer.Argument(..., metavar="[SOURCE] OUTPUT", help="SOURCE: HF folder, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct). OUTPUT: new folder."),
+    paths: list[str] = typer.Argument(
+        ...,
+        metavar="[SOURCE] OUTPUT",
+        help="SOURCE: HF folder, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct). OUTPUT: new folder.",
+    ),
     recipe: str = typer.Option(DEFAULT_RECIPE, help=recipe_help()),
     attention: str | None = typer.Option(None, "--attention", "-a", help=VARIANT_HELP + " (default: the recipe's)."),
     group_size: int | None = typer.Option(None, help="Tokens per group of the local/global split (default: the recipe's)."),
-    conv_kernel: int | None = typer.Option(None, help="Causal DWConv taps on V (0 disables; default: the variant's, 32 for the augmented ones)."),
-    unmasked_conv: bool = typer.Option(False, help="Ablation: drop the conv's causal mask (2K−1 taps, K−1 of them future). Leaks; needs --allow-noncausal."),
+    conv_kernel: int | None = typer.Option(
+        None, help="Causal DWConv taps on V (0 disables; default: the variant's, 32 for the augmented ones)."
+    ),
+    unmasked_conv: bool = typer.Option(
+        False, help="Ablation: drop the conv's causal mask (2K−1 taps, K−1 of them future). Leaks; needs --allow-noncausal."
+    ),
     keep_softmax_layers: str | None = typer.Option(None, help="Comma-separated layers that keep softmax attention (hybrid model)."),
-    softmax_every: int | None = typer.Option(None, help="Also keep every N-th layer softmax (layers N−1, 2N−1, …; default: the recipe's, 0 = none)."),
+    softmax_every: int | None = typer.Option(
+        None, help="Also keep every N-th layer softmax (layers N−1, 2N−1, …; default: the recipe's, 0 = none)."
+    ),
     allow_noncausal: bool = typer.Option(False, help="Allow a non-causal model (linformer, --unmasked-conv); it leaks future tokens."),
     seed: int = typer.Option(0, help="Seed of the new parameters' initialisation."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: fp32)."),

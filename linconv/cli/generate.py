@@ -54,7 +54,9 @@ def _encode(tokenizer, text: str, chat: bool, explicit: bool) -> list[int]:
 
 @friendly
 def generate_command(
-    checkpoint: str | None = typer.Argument(None, help="A linconv checkpoint folder (default: a fresh conversion of the built-in SmolLM2-135M-Instruct, cached nowhere)."),
+    checkpoint: str | None = typer.Argument(
+        None, help="A linconv checkpoint folder (default: a fresh conversion of the built-in SmolLM2-135M-Instruct, cached nowhere)."
+    ),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="The prompt text."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", "-f", help="Read the prompt from this file."),
     max_new_tokens: int = typer.Option(128, help="Stop after this many new tokens."),
@@ -62,13 +64,30 @@ def generate_command(
     top_k: int | None = typer.Option(None, help="Sample only from the k most likely tokens."),
     top_p: float | None = typer.Option(None, help="Sample only from the smallest set of tokens whose probability reaches p."),
     seed: int | None = typer.Option(None, help="Seed for sampling (reproducible output)."),
-    stop: list[str] | None = typer.Option(None, "--stop", help="Stop when this text appears (repeatable); the model's eos token always stops."),
-    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template (default: on for the default model, off for a checkpoint)."),
+    stop: list[str] | None = typer.Option(
+        None, "--stop", help="Stop when this text appears (repeatable); the model's eos token always stops."
+    ),
+    chat: bool | None = typer.Option(
+        None,
+        "--chat/--no-chat",
+        help="Wrap the prompt in the tokenizer's chat template (default: on for the default model, off for a checkpoint).",
+    ),
     prefill_chunk: int = typer.Option(2048, help="Prompt tokens per prefill forward (bounds memory on long prompts)."),
-    spec_decode: bool = typer.Option(False, "--spec-decode", help="Speculative decoding: a draft proposes a tree, one forward verifies it (greedy: identical output; sampling: the same distribution)."),
-    draft: str = typer.Option("lookup", help="With --spec-decode: lookup (n-grams of the context), medusa (heads from finetune --medusa-heads) or model:PATH."),
+    spec_decode: bool = typer.Option(
+        False,
+        "--spec-decode",
+        help=(
+            "Speculative decoding: a draft proposes a tree, one forward verifies "
+            "it (greedy: identical output; sampling: the same distribution)."
+        ),
+    ),
+    draft: str = typer.Option(
+        "lookup", help="With --spec-decode: lookup (n-grams of the context), medusa (heads from finetune --medusa-heads) or model:PATH."
+    ),
     draft_tokens: int = typer.Option(8, help="With --spec-decode: tokens a lookup or draft-model guess runs ahead."),
-    tree_widths: str = typer.Option("4,2,2", help="With --spec-decode: candidates per tree depth (medusa), or candidate paths (lookup: first number)."),
+    tree_widths: str = typer.Option(
+        "4,2,2", help="With --spec-decode: candidates per tree depth (medusa), or candidate paths (lookup: first number)."
+    ),
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model)."),
 ) -> None:
@@ -90,8 +109,17 @@ def generate_command(
             typer.echo(piece, nl=False)
 
     result = generate(
-        model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        stop_strings=stop or (), tokenizer=tokenizer, prefill_chunk=prefill_chunk, on_token=stream,
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_strings=stop or (),
+        tokenizer=tokenizer,
+        prefill_chunk=prefill_chunk,
+        on_token=stream,
     )
     typer.echo("")
     console.print(report.generation_line(result), highlight=False, soft_wrap=True)
@@ -108,6 +136,8 @@ def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_wi
     except ValueError:
         raise LinconvError(f"--tree-widths takes comma-separated numbers, got {tree_widths!r}") from None
     drafter = make_draft(draft, model, tokenizer, checkpoint, draft_tokens=draft_tokens, tree_widths=widths)
-    result = speculative_generate(model, ids, drafter, max_new_tokens=max_new_tokens, stop_ids=default_stop_ids(model), prefill_chunk=prefill_chunk, sampler=sampler)
+    result = speculative_generate(
+        model, ids, drafter, max_new_tokens=max_new_tokens, stop_ids=default_stop_ids(model), prefill_chunk=prefill_chunk, sampler=sampler
+    )
     typer.echo(tokenizer.decode(result.tokens, skip_special_tokens=True))
     console.print(report.speculative_line(result), highlight=False, soft_wrap=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers.initialization import no_init_weights
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,6 +24,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.initialization import no_init_weights
 
 from linconv.attention.module import LinconvAttention
 from linconv.attention.state import LinconvCache

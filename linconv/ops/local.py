@@ -46,7 +46,7 @@ def empty_group_state(q: Tensor, v: Tensor, phi: FeatureMap | None) -> GroupStat
     """The state before any token, for q [B, H, *, Dk] and v [B, H, *, Dv]."""
     B, H, Dk, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     F = phi(q[:, :, :0].float()).shape[-1] if phi is not None else 0
-    zeros = lambda *s: q.new_zeros(*s, dtype=torch.float32)  # noqa: E731
+    zeros = lambda *s: q.new_zeros(*s, dtype=torch.float32)
     return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, H, 0, Dk), zeros(B, H, 0, Dv))
 
 

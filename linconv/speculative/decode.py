@@ -88,7 +88,7 @@ def speculative_generate(
             root = next_root
         else:
             root = int(sampler.draw(sampler.probs(logits[None]))) if sampling else int(logits.argmax())
-        paths = draft.propose(context + [root], hidden) if draft is not None else []
+        paths = draft.propose([*context, root], hidden) if draft is not None else []
         tree = CandidateTree.from_paths(root, paths)
         hiddens, tree_logits = verify(model, cache, tree, past)
         path, next_root = accept_sampled(tree, tree_logits, sampler) if sampling else (accept_greedy(tree, tree_logits), None)

@@ -62,7 +62,7 @@ class MedusaDraft:
         paths: list[list[int]] = [[]]
         for depth, width in enumerate(self.widths):
             top = logits[depth].topk(width).indices.tolist()
-            paths = [p + [t] for p in paths for t in top]
+            paths = [[*p, t] for p in paths for t in top]
         return paths
 
 
@@ -95,7 +95,9 @@ class DraftModel:
         return [path]
 
 
-def make_draft(spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)):
+def make_draft(
+    spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)
+):
     """The draft named by ``spec``: ``lookup``, ``medusa`` (heads saved in ``checkpoint`` by
     ``linconv finetune --medusa-heads``) or ``model:PATH`` (a linconv folder or any causal LM with
     the same tokenizer)."""
@@ -116,7 +118,9 @@ def make_draft(spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *
         device, dtype = next(model.parameters()).device, model.dtype
         config = Path(path) / "config.json"
         linconv_folder = config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("linconv-")
-        draft, draft_tokenizer = linconv.load(path, dtype=dtype, device=device) if linconv_folder else load_source(path, ADAPTERS, dtype=dtype, device=device)
+        draft, draft_tokenizer = (
+            linconv.load(path, dtype=dtype, device=device) if linconv_folder else load_source(path, ADAPTERS, dtype=dtype, device=device)
+        )
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
             raise LinconvError(f"the draft model {path} does not use the target's tokenizer")
         return DraftModel(draft, num_tokens=draft_tokens)

@@ -88,8 +88,13 @@ class MedusaHeads(nn.Module):
         return self.head(self.hidden(h))
 
     def config(self) -> dict:
-        return {"num_heads": self.num_heads, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
-                "format_version": FORMAT_VERSION, "predicts": "tokens t+2..t+H+1 through the model's output head"}
+        return {
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "format_version": FORMAT_VERSION,
+            "predicts": "tokens t+2..t+H+1 through the model's output head",
+        }
 
 
 def medusa_loss(heads: MedusaHeads, hidden: Tensor, input_ids: Tensor, chunk_tokens: int | None = None) -> Tensor:
@@ -117,8 +122,10 @@ def save_medusa(heads: MedusaHeads, folder: str | Path) -> Path:
     if not folder.is_dir():
         raise LinconvError(f"cannot save Medusa heads: {folder} is not a folder")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in heads.state_dict().items()}
-    for name, write in ((MEDUSA_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
-                        (MEDUSA_CONFIG, lambda p: p.write_text(json.dumps(heads.config(), indent=2) + "\n"))):
+    for name, write in (
+        (MEDUSA_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
+        (MEDUSA_CONFIG, lambda p: p.write_text(json.dumps(heads.config(), indent=2) + "\n")),
+    ):
         tmp = folder / f".{name}.tmp"
         write(tmp)
         os.replace(tmp, folder / name)

@@ -90,11 +90,25 @@ def measure(model, n: int, args, label: str) -> dict:
     """Prefill ``n`` random tokens, decode warmup + steps tokens: the engine's statistics."""
     err.print(f"[dim]{label}: context {n:,}: prefilling in chunks of {args.prefill_chunk}…[/]")
     t = time.perf_counter()
-    res = generate(model, random_prompt(n, model.config.vocab_size), max_new_tokens=args.warmup + args.steps + 1,
-                   stop_token_ids=(), prefill_chunk=args.prefill_chunk, ignore_context_limit=True)
+    res = generate(
+        model,
+        random_prompt(n, model.config.vocab_size),
+        max_new_tokens=args.warmup + args.steps + 1,
+        stop_token_ids=(),
+        prefill_chunk=args.prefill_chunk,
+        ignore_context_limit=True,
+    )
     step = statistics.median(res.token_seconds[args.warmup :])
-    err.print(f"[dim]{label}: context {n:,}: {1 / step:.1f} tok/s decode, prefill {res.prefill_tokens_per_s:.0f} tok/s ({time.perf_counter() - t:.0f} s)[/]")
-    return {"decode_tok_s": 1 / step, "ms_per_token": 1e3 * step, "prefill_tok_s": res.prefill_tokens_per_s, "state_bytes": res.state_bytes_end}
+    err.print(
+        f"[dim]{label}: context {n:,}: {1 / step:.1f} tok/s decode, prefill "
+        f"{res.prefill_tokens_per_s:.0f} tok/s ({time.perf_counter() - t:.0f} s)[/]"
+    )
+    return {
+        "decode_tok_s": 1 / step,
+        "ms_per_token": 1e3 * step,
+        "prefill_tok_s": res.prefill_tokens_per_s,
+        "state_bytes": res.state_bytes_end,
+    }
 
 
 class TimingStreamer(BaseStreamer):
@@ -162,7 +176,13 @@ def prefill_memory(model, n: int, args, device) -> dict:
         for _, delta in events:
             live += delta
             tensors = max(tensors, live)
-    return {"tokens": n, "peak_tensor_bytes": tensors, "peak_rss_above_baseline_bytes": rss, "prefill_tok_s": res.prefill_tokens_per_s, "state_bytes": res.state_bytes_end}
+    return {
+        "tokens": n,
+        "peak_tensor_bytes": tensors,
+        "peak_rss_above_baseline_bytes": rss,
+        "prefill_tok_s": res.prefill_tokens_per_s,
+        "state_bytes": res.state_bytes_end,
+    }
 
 
 def mb(n: float) -> str:
@@ -210,13 +230,25 @@ def main() -> None:
         r["roofline_tok_s"] = bandwidth / (weights + r["state_bytes"])
         r["roofline_fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
 
-    table = Table(title=f"Decode tokens/s against context (fp32, {device.type}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights {mb(weights)})")
+    table = Table(
+        title=f"Decode tokens/s against context (fp32, {device.type}, {torch.get_num_threads()} threads; "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights {mb(weights)})"
+    )
     for col in ("context", "lin tok/s", "lin roofline", "lin state", "orig tok/s", "orig roofline", "orig KV", "lin ÷ orig"):
         table.add_column(col, justify="right")
     for n, r in results.items():
         lin, orig = r["linearized"], r.get("original")
         row = [f"{n:,}", f"{lin['decode_tok_s']:.1f}", f"{100 * lin['roofline_fraction']:.0f}%", mb(lin["state_bytes"])]
-        row += [f"{orig['decode_tok_s']:.1f}", f"{100 * orig['roofline_fraction']:.0f}%", mb(orig["state_bytes"]), f"{lin['decode_tok_s'] / orig['decode_tok_s']:.2f}x"] if orig else ["-"] * 4
+        row += (
+            [
+                f"{orig['decode_tok_s']:.1f}",
+                f"{100 * orig['roofline_fraction']:.0f}%",
+                mb(orig["state_bytes"]),
+                f"{lin['decode_tok_s'] / orig['decode_tok_s']:.2f}x",
+            ]
+            if orig
+            else ["-"] * 4
+        )
         table.add_row(*row)
     out.print(table)
     if loops:
@@ -224,13 +256,23 @@ def main() -> None:
         for col in ("model", "linconv loop tok/s", "transformers generate tok/s", "ratio"):
             lt.add_column(col, justify="right")
         for label, r in loops.items():
-            lt.add_row(label, f"{r['linconv_loop_tok_s']:.1f}", f"{r['transformers_generate_tok_s']:.1f}", f"{r['linconv_loop_tok_s'] / r['transformers_generate_tok_s']:.2f}x")
+            lt.add_row(
+                label,
+                f"{r['linconv_loop_tok_s']:.1f}",
+                f"{r['transformers_generate_tok_s']:.1f}",
+                f"{r['linconv_loop_tok_s'] / r['transformers_generate_tok_s']:.2f}x",
+            )
         out.print(lt)
     if memory:
-        kv = results[contexts[0]].get("original", {}).get("state_bytes", 0) / contexts[0] * memory["tokens"] if "original" in models else None
+        kv = (
+            results[contexts[0]].get("original", {}).get("state_bytes", 0) / contexts[0] * memory["tokens"]
+            if "original" in models
+            else None
+        )
         rss = memory["peak_rss_above_baseline_bytes"]
         out.print(
-            f"chunked prefill of {memory['tokens']:,} tokens (linearized): peak tensors +{mb(memory['peak_tensor_bytes'])} above the loaded model "
+            f"chunked prefill of {memory['tokens']:,} tokens (linearized): "
+            f"peak tensors +{mb(memory['peak_tensor_bytes'])} above the loaded model "
             f"({memory['peak_tensor_bytes'] / weights:.2f}x the weights' {mb(weights)})"
             + (f", peak RSS +{mb(rss)} ({rss / weights:.2f}x)" if rss is not None else "")
             + f"; state {mb(memory['state_bytes'])}; {memory['prefill_tok_s']:.0f} tok/s (profiled)"

@@ -137,8 +137,10 @@ def step_ms(name: str, contexts: list[int], args) -> dict[str, float]:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             _, state = grouped_attention(q[:, :, :ctx], k[:, :, :ctx], v[:, :, :ctx], **GROUPED)
         runs[ctx] = {"qkv": (q, k, v), "state": state, "ms": []}
-    step = {"chunked": lambda q, k, v, s: linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s),
-            "grouped": lambda q, k, v, s: grouped_attention(q, k, v, s, **GROUPED)}[name]
+    step = {
+        "chunked": lambda q, k, v, s: linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s),
+        "grouped": lambda q, k, v, s: grouped_attention(q, k, v, s, **GROUPED),
+    }[name]
     for t in range(args.steps):
         for ctx, r in runs.items():
             q, k, v = (x[:, :, ctx + t : ctx + t + 1] for x in r["qkv"])
@@ -158,9 +160,19 @@ def main() -> None:
     args = p.parse_args()
     lengths, contexts = [int(x) for x in args.lengths.split(",")], [1024, 16384]
     console = Console()
-    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-           "dtype": args.dtype, "B": B, "H": H, "D": D, "chunk_size": args.chunk_size, "group_size": GROUP,
-           "forward": {}, "step_ms": {}}
+    res = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "B": B,
+        "H": H,
+        "D": D,
+        "chunk_size": args.chunk_size,
+        "group_size": GROUP,
+        "forward": {},
+        "step_ms": {},
+    }
     if args.device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
 

@@ -35,9 +35,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from linconv.config import LinearizeConfig  # noqa: E402
+from linconv.config import LinearizeConfig
 
 RUNS: dict[str, tuple[str, dict]] = {
     name: (what, {"group_size": 64, **opts})  # the paper's group size unless a run says otherwise
@@ -54,13 +54,21 @@ RUNS: dict[str, tuple[str, dict]] = {
         ("augmented", "paper: grouped relu² + global + DWConv", dict(attention="augmented")),
         ("augmented/no-conv", "ablation: no DWConv", dict(attention="augmented", conv_kernel=0)),
         ("augmented/no-groups", "ablation: no grouping (global linear + DWConv)", dict(attention="relu", conv_kernel=32)),
-        ("augmented/unmasked-conv", "ablation: conv not masked (leaks)", dict(attention="augmented", conv_mask=False, allow_noncausal=True)),
+        (
+            "augmented/unmasked-conv",
+            "ablation: conv not masked (leaks)",
+            dict(attention="augmented", conv_mask=False, allow_noncausal=True),
+        ),
         ("augmented/hybrid", "hybrid: every 5th layer softmax", dict(attention="augmented", softmax_every=5)),
         ("augmented-softmax", "grouped softmax + hedgehog global + DWConv", dict(attention="augmented-softmax")),
         ("augmented-softmax/g128", "… group 128", dict(attention="augmented-softmax", group_size=128)),
         ("augmented-softmax/g256", "… group 256", dict(attention="augmented-softmax", group_size=256)),
         ("augmented-softmax/g256-no-conv", "… group 256, no DWConv", dict(attention="augmented-softmax", group_size=256, conv_kernel=0)),
-        ("augmented-softmax/g256-hybrid", "… group 256, every 5th layer softmax", dict(attention="augmented-softmax", group_size=256, softmax_every=5)),
+        (
+            "augmented-softmax/g256-hybrid",
+            "… group 256, every 5th layer softmax",
+            dict(attention="augmented-softmax", group_size=256, softmax_every=5),
+        ),
     ]
 }
 
@@ -92,9 +100,9 @@ def heldout_ppl(model, ids, windows: int) -> float:
 
 def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
     from linconv import convert
-    from linconv.finetune import FinetuneConfig, finetune
     from linconv.bench.leakage import leakage_check
     from linconv.checkpoint import load, save_checkpoint
+    from linconv.finetune import FinetuneConfig, finetune
     from linconv.models.hf import linconv_tensor_names
 
     cfg = LinearizeConfig(**opts).validate()
@@ -103,8 +111,11 @@ def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
     params = dict(model.named_parameters())
     transfer = args.transfer_steps if any(n in params for n in linconv_tensor_names(model)) else 0
     ft = FinetuneConfig(  # nothing to transfer: those steps go to LoRA, so every run sees the same tokens
-        transfer_steps=transfer, lora_steps=args.lora_steps + args.transfer_steps - transfer, seq_len=args.seq_len,
-        lr=args.lr, transfer_lr=args.transfer_lr,
+        transfer_steps=transfer,
+        lora_steps=args.lora_steps + args.transfer_steps - transfer,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        transfer_lr=args.transfer_lr,
     )
     work = Path(tempfile.mkdtemp(prefix="linconv-compare-"))
     try:
@@ -120,9 +131,16 @@ def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "name": name, "options": cfg.to_dict(), "converted_ppl": converted, "finetuned_ppl": final,
-        "leaks": leak.leaks, "leak_max_change": leak.max_change, "tokens": tokens,
-        "cpu_minutes": cpu / 60, "wall_minutes": wall / 60, "finetune": ft.to_dict(),
+        "name": name,
+        "options": cfg.to_dict(),
+        "converted_ppl": converted,
+        "finetuned_ppl": final,
+        "leaks": leak.leaks,
+        "leak_max_change": leak.max_change,
+        "tokens": tokens,
+        "cpu_minutes": cpu / 60,
+        "wall_minutes": wall / 60,
+        "finetune": ft.to_dict(),
         "losses": {s.name: s.losses for s in result.stages},
     }
 
@@ -156,7 +174,10 @@ def main() -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1))
         tmp.replace(path)
-        print(f"   {rec['converted_ppl']:.1f} -> {rec['finetuned_ppl']:.1f}  leaks={rec['leaks']}  {rec['cpu_minutes']:.1f} CPU-min", flush=True)
+        print(
+            f"   {rec['converted_ppl']:.1f} -> {rec['finetuned_ppl']:.1f}  leaks={rec['leaks']}  {rec['cpu_minutes']:.1f} CPU-min",
+            flush=True,
+        )
     report(args.out)
 
 
@@ -178,8 +199,17 @@ def report(out: Path) -> None:
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     for r in rows:
-        cells = [r["name"], r["what"], f"{r['converted_ppl']:.1f}", f"{r['finetuned_ppl']:.1f}", f"{r['finetuned_ppl'] / base:.2f}",
-                 "LEAKS" if r["leaks"] else "no", f"{r['tokens']:,}", f"{r['wall_minutes']:.1f}", f"{r['cpu_minutes']:.1f}"]
+        cells = [
+            r["name"],
+            r["what"],
+            f"{r['converted_ppl']:.1f}",
+            f"{r['finetuned_ppl']:.1f}",
+            f"{r['finetuned_ppl'] / base:.2f}",
+            "LEAKS" if r["leaks"] else "no",
+            f"{r['tokens']:,}",
+            f"{r['wall_minutes']:.1f}",
+            f"{r['cpu_minutes']:.1f}",
+        ]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
@@ -203,8 +233,10 @@ def report(out: Path) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=80)
-    print(f"wrote {out / 'results.md'} and {out / 'results.png'}; mean tokens/run "
-          f"{math.fsum(r['tokens'] for r in rows) / max(len(rows), 1):,.0f}")
+    print(
+        f"wrote {out / 'results.md'} and {out / 'results.png'}; mean tokens/run "
+        f"{math.fsum(r['tokens'] for r in rows) / max(len(rows), 1):,.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_grouped_tree_equals_path_replay(parents, score, prefix):
     kw = grouped_kwargs(score, "elu")
     N = len(parents)
     q, k, v = qkv(prefix + N + 8, unit=score != "softmax")
-    _, s0 = ops.grouped_attention(q[:, :, :8 + prefix], k[:, :, :8 + prefix], v[:, :, :8 + prefix], **kw)
+    _, s0 = ops.grouped_attention(q[:, :, : 8 + prefix], k[:, :, : 8 + prefix], v[:, :, : 8 + prefix], **kw)
     qt, kt, vt = (x[:, :, 8 + prefix :] for x in (q, k, v))
     out = ops.grouped_tree(qt, kt, vt, parents, s0, **kw)
     want = ref.replay_tree(parents, lambda p: ref.grouped_loop(qt[:, :, p], kt[:, :, p], vt[:, :, p], s0, **kw)[0])
