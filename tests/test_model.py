@@ -46,15 +46,26 @@ def test_recurrent_decode_equals_parallel_forward(arch, variant):
     assert cache.get_seq_length() == 13
 
 
+@pytest.mark.parametrize("variant", ["augmented-softmax", "augmented", "hedgehog"])
 @torch.inference_mode()
-def test_state_size_does_not_grow_with_context():
-    model = converted("llama")
-    sizes = []
-    for n in (8, 40):
-        _, cache = decode_logits(model, torch.randint(0, 90, (1, n)), prefill=n - 3)
-        sizes.append(cache.nbytes())
-    # group buffer may differ by < G tokens; nothing grows with n
-    assert sizes[1] <= sizes[0] + 4 * 2 * 4 * 8 * 4
+def test_state_is_allocated_once_and_never_changes_size(variant):
+    """The same bytes at every position in the group, no new state tensor for any decoded token,
+    and the group buffer / conv tail held at the key/value head count (2 of the 4 query heads)."""
+    G, K = 8, 5
+    model = converted("llama", variant, group_size=G, conv_kernel=K)
+    H, Hkv, D = 4, 2, 8
+    F = {"augmented-softmax": 2 * D, "augmented": D, "hedgehog": 2 * D}[variant]
+    buffers = 2 * Hkv * G * D if variant.startswith("augmented") else 0
+    want = 2 * 4 * (H * F * D + H * F + buffers + Hkv * (K - 1) * D)  # layers x fp32 x (S, z, k/v buffers, conv tail)
+    for n in (1, G - 1, G, G + 1, 3 * G + 5):
+        ids = torch.randint(4, 90, (1, n + 2 * G))
+        cache = model.new_cache()
+        model(ids[:, :n], cache=cache)
+        storage = [t.data_ptr() for s in cache.states for t in s.tensors()]
+        assert cache.nbytes() == want, n
+        for t in range(n, n + 2 * G):  # decode across two group boundaries
+            model(ids[:, t : t + 1], cache=cache)
+            assert cache.nbytes() == want and [t.data_ptr() for s in cache.states for t in s.tensors()] == storage, (n, t)
 
 
 @pytest.mark.parametrize("variant", CAUSAL)

@@ -55,7 +55,9 @@ class LinconvAttention(nn.Module):
             cache = None  # transformers may hand us its own cache; linconv keeps its state elsewhere
         elif not self.causal:
             raise LinconvError(f"this {self.variant.name!r} model is not causal and cannot decode step by step")
-        state = cache.states[self.layer_idx] if cache is not None else LayerState()
+        state = LayerState() if cache is None else cache.states[self.layer_idx]
+        if cache is not None and state.attn is None:
+            state = self._empty_state(q, k, v)
         if cache is not None and cache.tree is not None:
             out, cache.pending[self.layer_idx] = self.attend_tree(q, k, v, state, cache.tree)
             return self.adapter.output(self, out), None
@@ -69,7 +71,11 @@ class LinconvAttention(nn.Module):
         return self.adapter.output(self, out), None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
-        """Attention of a segment continuing ``state``: q [B, H, T, D], k, v [B, Hkv, T, D]."""
+        """Attention of a segment continuing ``state``: q [B, H, T, D], k, v [B, Hkv, T, D].
+
+        A decoding step (T = 1) writes into ``state``'s tensors in place; longer segments return a
+        new state of the same shapes.
+        """
         if not self.variant.causal:
             return self._linformer(q, *self._repeat(k, v)), state
         q, k, v = self._prepare(q, k, v)
@@ -77,10 +83,12 @@ class LinconvAttention(nn.Module):
         if var.score:
             out, attn = ops.grouped_attention(q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
         elif q.shape[2] == 1 and state.attn is not None:
-            out, attn = ops.linear_attention_step(phi(q)[:, :, 0], phi(k)[:, :, 0], v[:, :, 0], state.attn)
+            kr, vr = self._repeat(k, v)
+            out, attn = ops.linear_attention_step(phi(q)[:, :, 0], phi(kr)[:, :, 0], vr[:, :, 0], state.attn)
             out = out.unsqueeze(2)
         else:
-            out, attn = ops.linear_attention(phi(q), phi(k), v, state.attn, normalize=var.normalize, chunk_size=self.chunk_size)
+            kr, vr = self._repeat(k, v)
+            out, attn = ops.linear_attention(phi(q), phi(kr), vr, state.attn, normalize=var.normalize, chunk_size=self.chunk_size)
         out, conv = self._norm(out), state.conv
         if self.conv is not None and not self.conv_mask:
             out = out + ops.unmasked_dwconv(v, self.conv)
@@ -92,35 +100,39 @@ class LinconvAttention(nn.Module):
     def attend_tree(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState, parents: list[int]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Every node of a candidate tree as if its root-to-node path had been decoded from ``state``.
 
-        q, k, v [B, *, N, D] hold the N tree nodes. The state is left alone; returns the outputs and
-        the nodes' prepared keys/values, from which ``advance`` commits the accepted path.
+        q [B, H, N, D], k, v [B, Hkv, N, D] hold the N tree nodes. The state is left alone; returns
+        the outputs and the nodes' prepared keys/values, from which ``advance`` commits the accepted path.
         """
         q, k, v = self._prepare(q, k, v)
         phi, var = self.feature_map, self.variant
         if var.score:
-            attn = state.attn if state.attn is not None else ops.empty_group_state(q, v, phi)
-            out = ops.grouped_tree(q, k, v, parents, attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
+            out = ops.grouped_tree(q, k, v, parents, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
         else:
-            attn = state.attn if state.attn is not None else ops.empty_linear_state(q, v, var.normalize)
-            out = ops.linear_tree(phi(q), phi(k), v, parents, attn)
+            kr, vr = self._repeat(k, v)
+            out = ops.linear_tree(phi(q), phi(kr), vr, parents, state.attn)
         out = self._norm(out)
         if self.conv is not None:
-            tail = state.conv if state.conv is not None else ops.empty_conv_tail(v, self.conv.shape[-1])
-            out = out + ops.conv_tree(v, self.conv, parents, tail)
+            out = out + ops.conv_tree(v, self.conv, parents, state.conv)
         return out, (k, v)
 
     def advance(self, state: LayerState, k: Tensor, v: Tensor) -> LayerState:
-        """The state after also seeing prepared keys/values [B, H, T, D] (from ``attend_tree``)."""
+        """The state after also seeing prepared keys/values [B, Hkv, T, D] (from ``attend_tree``)."""
         phi = self.feature_map
         if self.variant.score:
-            attn = state.attn if state.attn is not None else ops.empty_group_state(k, v, phi)
-            attn = ops.advance_group(attn, k, v, self.group_size, phi)
+            attn = ops.advance_group(state.attn, k, v, self.group_size, phi)
         else:
-            attn = state.attn if state.attn is not None else ops.empty_linear_state(k, v, self.variant.normalize)
-            attn = ops.advance_linear(attn, phi(k), v)
-        conv = state.conv
-        if self.conv is not None:
-            conv = ops.advance_conv(conv if conv is not None else ops.empty_conv_tail(v, self.conv.shape[-1]), v)
+            kr, vr = self._repeat(k, v)
+            attn = ops.advance_linear(state.attn, phi(kr), vr)
+        conv = state.conv if self.conv is None else ops.advance_conv(state.conv, v)
+        return LayerState(attn, conv)
+
+    def _empty_state(self, q: Tensor, k: Tensor, v: Tensor) -> LayerState:
+        """The decoding state before any token, for q [B, H, *, D] and k, v [B, Hkv, *, D]."""
+        if self.variant.score:
+            attn = ops.empty_group_state(q, k, v, self.feature_map, self.group_size)
+        else:
+            attn = ops.empty_linear_state(self.feature_map(q[:, :, :0].float()), v, self.variant.normalize)
+        conv = None if self.conv is None else ops.empty_conv_tail(v, self.conv.shape[-1])
         return LayerState(attn, conv)
 
     def softmax_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -138,8 +150,7 @@ class LinconvAttention(nn.Module):
         return k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
 
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Repeat kv heads, then normalise (unit q, k) or scale (softmax score) as the variant asks."""
-        k, v = self._repeat(k, v)
+        """Normalise (unit q, k) or scale (softmax score) as the variant asks; kv heads stay as they are."""
         if self.variant.unit_qk:
             return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
         if self.variant.score == "softmax":

@@ -2,7 +2,8 @@
 
 A linear layer keeps its attention state (``LinearState`` or ``GroupState``) and the conv tail; a
 softmax layer kept by a hybrid model keeps its keys/values. All fp32 except softmax KV (model dtype).
-The size of a linear layer's state does not depend on how many tokens it has seen.
+The size of a linear layer's state does not depend on how many tokens it has seen: its tensors are
+allocated once and written in place from the first token to the last.
 """
 
 from __future__ import annotations
@@ -25,26 +26,30 @@ class KVState(NamedTuple):
 @dataclass
 class LayerState:
     attn: LinearState | GroupState | KVState | None = None
-    conv: Tensor | None = None  # [B, H, K-1, D]
+    conv: Tensor | None = None  # [B, Hkv, K-1, D]
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (*(self.attn or ()), self.conv) if t is not None]
+        return [t for t in (*(self.attn or ()), self.conv) if isinstance(t, Tensor)]
 
     def clone(self) -> LayerState:
-        attn = None if self.attn is None else type(self.attn)(*(None if t is None else t.clone() for t in self.attn))
-        return replace(self, attn=attn, conv=None if self.conv is None else self.conv.clone())
+        """A copy with storage of its own (never a view into a prefill chunk)."""
+        own = lambda x: x.clone(memory_format=torch.contiguous_format) if isinstance(x, Tensor) else x
+        attn = None if self.attn is None else type(self.attn)(*map(own, self.attn))
+        return replace(self, attn=attn, conv=own(self.conv))
 
-
-def _own(t: Tensor | None) -> Tensor | None:
-    """``t``, or a copy of it when it is a view into a buffer more than twice its size."""
-    if t is not None and t.untyped_storage().nbytes() > 2 * t.numel() * t.element_size():
-        return t.clone()
-    return t
-
-
-def _compact(state: LayerState) -> LayerState:
-    attn = None if state.attn is None else type(state.attn)(*(_own(t) for t in state.attn))
-    return replace(state, attn=attn, conv=_own(state.conv))
+    def written_into(self, dest: LayerState) -> LayerState:
+        """This state held in ``dest``'s tensors (copied where they are other tensors of the same
+        shapes), so that a layer's state keeps its storage from the first token to the last; a
+        copy of its own when ``dest`` has another structure (the first state of a layer)."""
+        mine, theirs = self.tensors(), dest.tensors()
+        if type(self.attn) is not type(dest.attn) or [t.shape for t in mine] != [t.shape for t in theirs]:
+            return self.clone()
+        for src, dst in zip(mine, theirs):
+            if src is not dst:
+                dst.copy_(src)
+        held = iter(theirs)
+        attn = type(self.attn)(*(next(held) if isinstance(x, Tensor) else x for x in self.attn))
+        return LayerState(attn, None if self.conv is None else next(held))
 
 
 class LinconvCache(Cache):
@@ -76,11 +81,11 @@ class LinconvCache(Cache):
     def put(self, layer_idx: int, state: LayerState, new_tokens: int) -> None:
         """Store a linear layer's state after it has seen ``new_tokens`` more tokens.
 
-        After a prefill chunk the group buffer and conv tail are small views of the chunk's keys and
-        values; they are copied so the state does not keep whole chunks alive (30 layers x 3 tensors
-        of a 2048-token chunk would otherwise pin ~400 MB on the default model).
+        The values are written into the layer's existing tensors (a decoding step has already
+        written there in place), so the state never changes size or storage. After a prefill chunk
+        the conv tail is a view of the chunk's values; copying it keeps the chunk from staying alive.
         """
-        self.states[layer_idx] = _compact(state)
+        self.states[layer_idx] = state.written_into(self.states[layer_idx])
         self.lengths[layer_idx] += new_tokens
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -102,7 +107,7 @@ class LinconvCache(Cache):
 
     def restore(self, snap: tuple[list[LayerState], list[int]]) -> None:
         states, lengths = snap
-        self.states, self.lengths = [s.clone() for s in states], list(lengths)
+        self.states, self.lengths = [s.written_into(old) for s, old in zip(states, self.states)], list(lengths)
 
 
 def new_cache(model) -> Cache:

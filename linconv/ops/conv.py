@@ -4,8 +4,10 @@ One kernel per head, shared across the head dimension: ``y_t = Σ_{j<K} w[h, j] 
 being the current token. Storing only the K causal taps is the paper's 2K−1-tap kernel with its
 future half masked to zero, applied without ever reading a future position.
 
-Layout: v [B, H, T, D]; weight [H, K]; tail [B, H, K−1, D], the last K−1 values before the segment
-(zeros before the first token). The same function is the sequence form and, with T = 1, the step.
+Layout: v [B, Hkv, T, D]; weight [H, K] (H a multiple of Hkv: grouped-query value heads are read by
+the H // Hkv query heads that share them); tail [B, Hkv, K−1, D], the last K−1 values before the
+segment (zeros before the first token); outputs [B, H, T, D]. The same function is the sequence
+form and, with T = 1, the step (which shifts the given tail in place).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from linconv.ops.linear import repeat_heads
 
 
 def empty_conv_tail(v: Tensor, kernel_size: int) -> Tensor:
@@ -22,16 +26,21 @@ def empty_conv_tail(v: Tensor, kernel_size: int) -> Tensor:
 
 
 def causal_dwconv(v: Tensor, weight: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Returns the convolved values [B, H, T, D] (v's dtype) and the new tail (fp32)."""
-    B, H, T, D = v.shape
-    K = weight.shape[-1]
+    """Returns the convolved values [B, H, T, D] (v's dtype) and the new tail (fp32).
+
+    The sequence form returns the tail as a view of its input; the step (T = 1) writes it into
+    ``tail`` in place and returns that.
+    """
+    B, Hkv, T, D = v.shape
+    H, K = weight.shape
     if tail is None:
         tail = empty_conv_tail(v, K)
-    x = torch.cat([tail, v.float()], 2)  # [B, H, K-1+T, D]
-    if T == 1:  # decoding step: one dot product over the K taps, cheaper than a conv1d call
-        y = (x * weight.float().flip(-1).unsqueeze(-1)).sum(2, keepdim=True)
-        return y.to(v.dtype), x[:, :, 1:]
-    y = _depthwise(x, weight.flip(-1))
+    x = torch.cat([tail, v.float()], 2)  # [B, Hkv, K-1+T, D]
+    if T == 1:  # decoding step: one product of the K taps with the K values per kv head
+        y = weight.float().flip(-1).view(1, Hkv, H // Hkv, K) @ x  # [B, Hkv, rep, D]
+        tail.copy_(x[:, :, 1:])
+        return y.view(B, H, 1, D).to(v.dtype), tail
+    y = _depthwise(repeat_heads(x, H), weight.flip(-1))
     return y.to(v.dtype), x[:, :, x.shape[2] - (K - 1) :]
 
 
@@ -43,7 +52,7 @@ def unmasked_dwconv(v: Tensor, weight: Tensor) -> Tensor:
     has no step or tree form.
     """
     K = (weight.shape[-1] + 1) // 2
-    x = F.pad(v.float(), (0, 0, K - 1, K - 1))  # zeros before the first and after the last token
+    x = F.pad(repeat_heads(v.float(), weight.shape[0]), (0, 0, K - 1, K - 1))  # zeros before the first and after the last token
     return _depthwise(x, weight.flip(-1)).to(v.dtype)
 
 

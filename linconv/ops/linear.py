@@ -1,9 +1,10 @@
 """Kernelized causal linear attention with explicit state.
 
 Layout: ``q, k``: [B, H, T, Dk], already passed through the feature map (φ(q), φ(k));
-``v``: [B, H, T, Dv]. The state after tokens 1..t is ``S_t = Σ_{i≤t} k_i v_iᵀ`` [B, H, Dk, Dv]
-and ``z_t = Σ_{i≤t} k_i`` [B, H, Dk] (``z`` is None without a denominator). States are fp32
-whatever the input dtype: the un-normalised sums grow with T.
+``v``: [B, H, T, Dv] (the caller repeats grouped-query keys/values: φ may differ per head). The
+state after tokens 1..t is ``S_t = Σ_{i≤t} k_i v_iᵀ`` [B, H, Dk, Dv] and ``z_t = Σ_{i≤t} k_i``
+[B, H, Dk] (``z`` is None without a denominator). States are fp32 whatever the input dtype: the
+un-normalised sums grow with T.
 
 With a denominator ``o_t = qₜᵀ S_t / (qₜᵀ z_t + eps)``; without one ``o_t = qₜᵀ S_t`` (the caller
 normalises the output, as TransNormer does).
@@ -22,6 +23,13 @@ EPS = 1e-6
 class LinearState(NamedTuple):
     S: Tensor  # [B, H, Dk, Dv] fp32
     z: Tensor | None  # [B, H, Dk] fp32, None without a denominator
+
+
+def repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """Grouped-query attention: x [B, Hkv, ...] -> [B, heads, ...], each key/value head repeated for
+    its ``heads // Hkv`` query heads (head h reads kv head h // rep). Used where a computation needs
+    one key per query head; states keep the Hkv heads only."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)
 
 
 def exclusive_cumsum(x: Tensor) -> Tensor:
@@ -85,12 +93,15 @@ def linear_attention(
 
 
 def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: LinearState) -> tuple[Tensor, LinearState]:
-    """One recurrent decoding step: ``q, k`` [B, H, Dk], ``v`` [B, H, Dv] -> output [B, H, Dv]."""
+    """One recurrent decoding step: ``q, k`` [B, H, Dk], ``v`` [B, H, Dv] -> output [B, H, Dv].
+
+    S and z are updated in place (the decoding state keeps its storage); the state is returned.
+    """
     kf, vf, qf = k.float(), v.float(), q.float()
-    S = state.S + kf.unsqueeze(-1) * vf.unsqueeze(-2)
+    S = state.S
+    S.view(-1, *S.shape[-2:]).baddbmm_(kf.reshape(-1, kf.shape[-1], 1), vf.reshape(-1, 1, vf.shape[-1]))  # S += k vᵀ
     out = (qf.unsqueeze(-2) @ S).squeeze(-2)
-    z = None
     if state.z is not None:
-        z = state.z + kf
-        out = out / ((qf * z).sum(-1, keepdim=True) + EPS)
-    return out.to(v.dtype), LinearState(S, z)
+        state.z.add_(kf)
+        out = out / ((qf * state.z).sum(-1, keepdim=True) + EPS)
+    return out.to(v.dtype), state

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from linconv.ops.linear import EPS, exclusive_cumsum
+from linconv.ops.linear import EPS, exclusive_cumsum, repeat_heads
 
 FeatureMap = Callable[[Tensor], Tensor]
 YOSO_TAU = 8.0
@@ -36,18 +36,40 @@ SCORES = ("relu2", "softmax", "yoso")
 
 
 class GroupState(NamedTuple):
+    """The decoding state of grouped attention, a fixed size from the first token to the last.
+
+    The buffer has room for a whole group at the key/value head count (grouped-query heads are
+    repeated only where they are used); ``fill`` says how many of its slots hold the current group.
+    A decoding step writes its key/value into slot ``fill`` in place and folds the buffer into S, z
+    (in place) when the group completes; the sequence forms return a new state of the same shapes.
+    """
+
     S: Tensor  # [B, H, F, Dv] fp32: Σ φ(k) vᵀ over finished groups (F = feature dim; 0 without φ)
     z: Tensor  # [B, H, F] fp32: Σ φ(k) over finished groups
-    k_buf: Tensor  # [B, H, b, Dk] fp32: keys of the current group, b < G
-    v_buf: Tensor  # [B, H, b, Dv] fp32: values of the current group
+    k_buf: Tensor  # [B, Hkv, G, Dk] fp32: slots < fill hold the keys of the current group
+    v_buf: Tensor  # [B, Hkv, G, Dv] fp32: its values
+    fill: int = 0  # tokens of the current group, 0 <= fill < G
+
+    def keys(self) -> Tensor:
+        """The current group's keys [B, Hkv, fill, Dk] (a view)."""
+        return self.k_buf[:, :, : self.fill]
+
+    def values(self) -> Tensor:
+        return self.v_buf[:, :, : self.fill]
 
 
-def empty_group_state(q: Tensor, v: Tensor, phi: FeatureMap | None) -> GroupState:
-    """The state before any token, for q [B, H, *, Dk] and v [B, H, *, Dv]."""
-    B, H, Dk, Dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
+def empty_group_state(q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, group_size: int) -> GroupState:
+    """The state before any token, for q [B, H, *, Dk], k [B, Hkv, *, Dk] and v [B, Hkv, *, Dv]."""
+    B, H, Hkv, Dk, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     F = phi(q[:, :, :0].float()).shape[-1] if phi is not None else 0
     zeros = lambda *s: q.new_zeros(*s, dtype=torch.float32)
-    return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, H, 0, Dk), zeros(B, H, 0, Dv))
+    return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, Hkv, group_size, Dk), zeros(B, Hkv, group_size, Dv))
+
+
+def _buffered(k: Tensor, v: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Fresh whole-group buffers holding ``k``, ``v`` [B, Hkv, r < G, D] in their first r slots."""
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, group_size - x.shape[2]))
+    return pad(k), pad(v)
 
 
 def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Tensor]:
@@ -70,17 +92,22 @@ def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Ten
     return w.masked_fill(~mask, 0.0), torch.zeros_like(logits[..., :1])
 
 
+def _group_sums(k: Tensor, v: Tensor, heads: int, phi: FeatureMap) -> tuple[Tensor, Tensor]:
+    """Σ φ(k) vᵀ [B, H, F, Dv] and Σ φ(k) [B, H, F] over finished groups' keys/values [B, Hkv, L, D]."""
+    kf = phi(repeat_heads(k, heads))
+    return kf.transpose(-1, -2) @ repeat_heads(v, heads), kf.sum(2)
+
+
 def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi: FeatureMap | None) -> GroupState:
-    """The state after also seeing ``k`` [B, H, T, Dk], ``v`` [B, H, T, Dv] (no outputs)."""
-    k_all = torch.cat([state.k_buf, k.float()], 2)
-    v_all = torch.cat([state.v_buf, v.float()], 2)
+    """The state after also seeing ``k`` [B, Hkv, T, Dk], ``v`` [B, Hkv, T, Dv] (no outputs)."""
+    k_all = torch.cat([state.keys(), k.float()], 2)
+    v_all = torch.cat([state.values(), v.float()], 2)
     done = k_all.shape[2] // group_size * group_size
     S, z = state.S, state.z
     if done and phi is not None:
-        kf = phi(k_all[:, :, :done])
-        S = S + kf.transpose(-1, -2) @ v_all[:, :, :done]
-        z = z + kf.sum(2)
-    return GroupState(S, z, k_all[:, :, done:], v_all[:, :, done:])
+        kv, kz = _group_sums(k_all[:, :, :done], v_all[:, :, :done], S.shape[1], phi)
+        S, z = S + kv, z + kz
+    return GroupState(S, z, *_buffered(k_all[:, :, done:], v_all[:, :, done:], group_size), k_all.shape[2] - done)
 
 
 def grouped_attention(
@@ -96,24 +123,29 @@ def grouped_attention(
 ) -> tuple[Tensor, GroupState]:
     """Grouped attention over a segment that continues ``state``; also the decoding step (T = 1).
 
-    The buffered keys/values of the unfinished group are prepended so groups stay aligned to the
-    absolute position. Returns the output [B, H, T, Dv] in ``v``'s dtype and the new state.
+    q [B, H, T, Dk]; k [B, Hkv, T, Dk], v [B, Hkv, T, Dv] with H a multiple of Hkv (grouped-query
+    heads). The buffered keys/values of the unfinished group are prepended so groups stay aligned
+    to the absolute position. Returns the output [B, H, T, Dv] in ``v``'s dtype and the new state
+    (T = 1: the given state, updated in place; see :func:`grouped_step`).
     """
     if state is None:
-        state = empty_group_state(q, v, phi)
+        state = empty_group_state(q, k, v, phi, group_size)
     if q.shape[2] == 1:
         return grouped_step(q, k, v, state, group_size=group_size, score=score, phi=phi, alpha=alpha)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     G = group_size
-    b = state.k_buf.shape[2]
-    k_all = torch.cat([state.k_buf, k.float()], 2)
-    v_all = torch.cat([state.v_buf, v.float()], 2)
+    b = state.fill
+    k_all = torch.cat([state.keys(), k.float()], 2)  # [B, Hkv, b+T, Dk]
+    v_all = torch.cat([state.values(), v.float()], 2)
     q_all = torch.cat([q.new_zeros(B, H, b, Dk, dtype=torch.float32), q.float()], 2)
     L = b + T
     n = -(-L // G)
     pad = n * G - L
-    qg, kg, vg = (torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, n, G, x.shape[-1]) for x in (q_all, k_all, v_all))
+    qg, kg, vg = (
+        torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, n, G, x.shape[-1])
+        for x in (q_all, repeat_heads(k_all, H), repeat_heads(v_all, H))
+    )
 
     causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
     w, m = local_weights(qg @ kg.transpose(-1, -2), causal, score)  # [B, H, n, G, G], [B, H, n, G, 1]
@@ -132,7 +164,7 @@ def grouped_attention(
         den = den + scale * (qf * z_before.unsqueeze(3)).sum(-1, keepdim=True)
         S, z = S + kv[:, :, :done].sum(2), z + kz[:, :, :done].sum(2)
     out = (num / (den + EPS)).reshape(B, H, n * G, Dv)[:, :, b:L]
-    new_state = GroupState(S, z, k_all[:, :, done * G :], v_all[:, :, done * G :])
+    new_state = GroupState(S, z, *_buffered(k_all[:, :, done * G :], v_all[:, :, done * G :], G), L - done * G)
     return out.to(v.dtype), new_state
 
 
@@ -147,22 +179,31 @@ def grouped_step(
     phi: FeatureMap | None = None,
     alpha: Tensor | float = 1.0,
 ) -> tuple[Tensor, GroupState]:
-    """One decoding step (q, k, v [B, H, 1, D]) of :func:`grouped_attention`, in O(G) work.
+    """One decoding step (q [B, H, 1, Dk], k, v [B, Hkv, 1, D]) of :func:`grouped_attention`, in O(G)
+    work and in place: returns the output and ``state`` with its tensors updated.
 
-    The query scores only the buffered keys of its group and itself, and reads the global state
-    directly; S, z absorb the buffer when the group fills. (The sequence form would pad the query
-    to a whole G x G group and recompute the group's φ(k)ᵀv every step.)
+    The key/value go into slot ``fill`` of the buffers; the query scores every slot up to its own
+    (later slots hold stale keys of an earlier group and are masked, so no shape depends on the
+    position) and reads the global state directly. When the group completes, S and z absorb the
+    buffer in place. Query heads are grouped by their key/value head: nothing is repeated.
     """
+    B, H, _, Dk = q.shape
+    Hkv, Dv, n = k.shape[1], v.shape[-1], state.fill
+    state.k_buf[:, :, n] = k[:, :, 0]
+    state.v_buf[:, :, n] = v[:, :, 0]
     q32 = q.float()
-    k_all = torch.cat([state.k_buf, k.float()], 2)  # [B, H, b+1, Dk]
-    v_all = torch.cat([state.v_buf, v.float()], 2)
-    everything = torch.ones((), dtype=torch.bool, device=q.device)  # every buffered key is in the past
-    w, m = local_weights(q32 @ k_all.transpose(-1, -2), everything, score)  # [B, H, 1, b+1], [B, H, 1, 1]
-    num = w @ v_all
-    den = w.sum(-1, keepdim=True)
+    valid = torch.arange(group_size, device=q.device) <= n  # [G]: this group's slots so far
+    logits = q32.reshape(B, Hkv, H // Hkv, Dk) @ state.k_buf.transpose(-1, -2)  # [B, Hkv, rep, G]
+    w, m = local_weights(logits, valid, score)
+    num = (w @ state.v_buf).view(B, H, 1, Dv)
+    den = w.sum(-1).view(B, H, 1, 1)
     if phi is not None:
         qf = phi(q32)  # [B, H, 1, F]
-        scale = alpha * torch.exp(-m)
+        scale = alpha * torch.exp(-m.view(B, H, 1, 1))
         num = num + scale * (qf @ state.S)
-        den = den + scale * (qf * state.z.unsqueeze(2)).sum(-1, keepdim=True)
-    return (num / (den + EPS)).to(v.dtype), advance_group(state, k, v, group_size, phi)
+        den = den + scale * (qf @ state.z.unsqueeze(-1))
+    if n + 1 == group_size and phi is not None:
+        kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi)
+        state.S.add_(kv)
+        state.z.add_(kz)
+    return (num / (den + EPS)).to(v.dtype), state._replace(fill=(n + 1) % group_size)

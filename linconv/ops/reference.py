@@ -41,6 +41,11 @@ def linear_loop(q: Tensor, k: Tensor, v: Tensor, state: LinearState, normalize: 
     return torch.stack(outs, 2), LinearState(S, z)
 
 
+def kv_heads(num_heads: int, num_kv_heads: int) -> list[int]:
+    """The key/value head that each query head reads (grouped-query attention)."""
+    return [h * num_kv_heads // num_heads for h in range(num_heads)]
+
+
 def grouped_loop(
     q: Tensor,
     k: Tensor,
@@ -52,11 +57,15 @@ def grouped_loop(
     phi: FeatureMap | None,
     alpha: float | Tensor = 1.0,
 ) -> tuple[Tensor, GroupState]:
-    """Per query: local keys of its group (buffer included), global keys of earlier groups."""
+    """Per query: local keys of its group (buffer included), global keys of earlier groups.
+
+    k, v and the state's buffers may have fewer heads than q (grouped-query attention)."""
     G = group_size
-    keys = torch.cat([state.k_buf, k.float()], 2)
-    vals = torch.cat([state.v_buf, v.float()], 2)
-    b = state.k_buf.shape[2]
+    B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
+    own_keys = torch.cat([state.k_buf[:, :, : state.fill], k.float()], 2)  # [B, Hkv, L, Dk]
+    own_vals = torch.cat([state.v_buf[:, :, : state.fill], v.float()], 2)
+    keys, vals = own_keys[:, kv_heads(H, Hkv)], own_vals[:, kv_heads(H, Hkv)]
+    b = state.fill
     outs = []
     for t in range(q.shape[2]):
         p = b + t  # position relative to the start of the buffered group
@@ -77,18 +86,22 @@ def grouped_loop(
     if phi is not None and done:
         S = S + phi(keys[:, :, :done]).transpose(-1, -2) @ vals[:, :, :done]
         z = z + phi(keys[:, :, :done]).sum(2)
-    return torch.stack(outs, 2), GroupState(S, z, keys[:, :, done:], vals[:, :, done:])
+    k_buf = torch.zeros(B, Hkv, G, k.shape[-1])
+    v_buf = torch.zeros(B, Hkv, G, v.shape[-1])
+    k_buf[:, :, : L - done], v_buf[:, :, : L - done] = own_keys[:, :, done:], own_vals[:, :, done:]
+    return torch.stack(outs, 2), GroupState(S, z, k_buf, v_buf, L - done)
 
 
 def conv_loop(v: Tensor, weight: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
-    """y_t = Σ_j w[h, j] v_{t−j}, reading the tail before the first token."""
-    K = weight.shape[-1]
+    """y_t = Σ_j w[h, j] v_{t−j}, reading the tail before the first token; value head h // (H // Hkv)."""
+    H, K = weight.shape
     x = torch.cat([tail, v.float()], 2)
-    T = v.shape[2]
-    y = torch.zeros_like(v, dtype=torch.float32)
-    for t in range(T):
-        for j in range(K):
-            y[:, :, t] += weight[:, j].float().view(1, -1, 1) * x[:, :, K - 1 + t - j]
+    B, Hkv, T, D = v.shape
+    y = torch.zeros(B, H, T, D)
+    for h, g in enumerate(kv_heads(H, Hkv)):
+        for t in range(T):
+            for j in range(K):
+                y[:, h, t] += weight[h, j].float() * x[:, g, K - 1 + t - j]
     return y, x[:, :, x.shape[2] - (K - 1) :]
 
 

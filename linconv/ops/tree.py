@@ -2,7 +2,8 @@
 
 A tree of N nodes is given by ``parents`` (length N, parent index or −1 for a child of the
 committed prefix, parents before children). Node n sits at depth d_n ≥ 1, i.e. at position
-p0 + d_n − 1 where p0 tokens are committed. q, k, v are [B, H, N, D]; states are those of the
+p0 + d_n − 1 where p0 tokens are committed. q is [B, H, N, D]; k, v are [B, H, N, D] for the
+linear form and [B, Hkv, N, D] (grouped-query heads) for the grouped and conv forms; states are those of the
 sequence forms and are not changed: advancing along the accepted path is the caller's
 ``advance_*`` on the accepted nodes' keys/values.
 """
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from linconv.ops.linear import EPS, LinearState
+from linconv.ops.linear import EPS, LinearState, repeat_heads
 from linconv.ops.local import FeatureMap, GroupState, local_weights
 
 
@@ -72,8 +73,8 @@ def grouped_tree(
     group joins the global linear part on top of the state. Returns [B, H, N, Dv] in v's dtype.
     """
     G = group_size
-    b = state.k_buf.shape[2]
-    N = q.shape[2]
+    b = state.fill
+    H, N = q.shape[1], q.shape[2]
     dev = q.device
     depth = torch.tensor(tree_depths(parents), device=dev)
     node_group = (b + depth - 1) // G  # group of each node, relative to the current one
@@ -83,8 +84,8 @@ def grouped_tree(
     local_mask, global_mask = visible & same, visible & ~same
 
     qf32 = q.float()
-    keys = torch.cat([state.k_buf, k.float()], 2)
-    vals = torch.cat([state.v_buf, v.float()], 2)
+    keys = repeat_heads(torch.cat([state.keys(), k.float()], 2), H)
+    vals = repeat_heads(torch.cat([state.values(), v.float()], 2), H)
     w, m = local_weights(qf32 @ keys.transpose(-1, -2), local_mask, score)
     num = w @ vals
     den = w.sum(-1, keepdim=True)
@@ -121,5 +122,5 @@ def unfold_conv_kernel(weight: Tensor, parents: Sequence[int]) -> Tensor:
 
 def conv_tree(v: Tensor, weight: Tensor, parents: Sequence[int], tail: Tensor) -> Tensor:
     """Causal DWConv of every tree node along its root-to-node path: [B, H, N, D] in v's dtype."""
-    x = torch.cat([tail, v.float()], 2)  # [B, H, K-1+N, D]
+    x = repeat_heads(torch.cat([tail, v.float()], 2), weight.shape[0])  # [B, H, K-1+N, D]
     return (unfold_conv_kernel(weight.float(), parents) @ x).to(v.dtype)

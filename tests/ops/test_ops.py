@@ -18,11 +18,17 @@ def rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
-def qkv(T, seed=0, unit=False):
-    q, k, v = (rand(B, H, T, D, seed=seed + i) for i in range(3))
+def qkv(T, seed=0, unit=False, kv_heads=H):
+    """q [B, H, T, D]; k, v [B, kv_heads, T, D] (fewer heads: grouped-query attention)."""
+    q, k, v = rand(B, H, T, D, seed=seed), rand(B, kv_heads, T, D, seed=seed + 1), rand(B, kv_heads, T, D, seed=seed + 2)
     if unit:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     return q, k, v
+
+
+def cloned(state):
+    """A copy of a state, for the steps that update theirs in place."""
+    return type(state)(*(x.clone() if isinstance(x, torch.Tensor) else x for x in state))
 
 
 def close(a, b, tol=1e-4):
@@ -36,6 +42,9 @@ def grads_close(got, want, tol=1e-4):
 
 
 def states_close(a, b, tol=1e-4):
+    if isinstance(a, ops.GroupState):  # the buffers hold the current group in their first `fill` slots
+        assert a.fill == b.fill and a.k_buf.shape == b.k_buf.shape
+        a, b = (a.S, a.z, a.keys(), a.values()), (b.S, b.z, b.keys(), b.values())
     for x, y in zip(a, b):
         assert (x is None) == (y is None)
         if x is not None:
@@ -61,7 +70,7 @@ def test_linear_chunked_and_step_equal_reference(normalize, T):
     close(out, want)
     close(loop_out, want)
     states_close(state, loop_state)
-    st = s0
+    st = cloned(s0)
     for t in range(T):
         o, st = ops.linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], st)
         close(o, want[:, :, t])
@@ -87,11 +96,11 @@ def grouped_kwargs(score, phi_name, G=8):
 
 @pytest.mark.parametrize("score", ops.SCORES)
 @pytest.mark.parametrize("phi_name", list(PHIS))
-@pytest.mark.parametrize("T,prefix", [(1, 0), (13, 0), (16, 3), (29, 11), (5, 6)])
-def test_grouped_equals_loop_with_state(score, phi_name, T, prefix):
+@pytest.mark.parametrize("T,prefix,kv_heads", [(1, 0, 3), (13, 0, 3), (16, 3, 1), (29, 11, 3), (5, 6, 1), (21, 7, 1)])
+def test_grouped_equals_loop_with_state(score, phi_name, T, prefix, kv_heads):
     kw = grouped_kwargs(score, phi_name)
-    q, k, v = qkv(prefix + T, unit=score != "softmax")
-    s0 = ops.empty_group_state(q, v, kw["phi"])
+    q, k, v = qkv(prefix + T, unit=score != "softmax", kv_heads=kv_heads)
+    s0 = ops.empty_group_state(q, k, v, kw["phi"], 8)
     if prefix:
         _, s0 = ref.grouped_loop(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], s0, **kw)
     q2, k2, v2 = (x[:, :, prefix:] for x in (q, k, v))
@@ -100,22 +109,25 @@ def test_grouped_equals_loop_with_state(score, phi_name, T, prefix):
     close(out, want)
     states_close(state, want_state)
     states_close(ops.advance_group(s0, k2, v2, 8, kw["phi"]), want_state)
-    st = s0  # the decoding step is the same op with T = 1
+    st = cloned(s0)  # the decoding step is the same op with T = 1, writing into its state in place
+    tensors = [t.data_ptr() for t in st if isinstance(t, torch.Tensor)]
     for t in range(T):
         o, st = ops.grouped_attention(q2[:, :, t : t + 1], k2[:, :, t : t + 1], v2[:, :, t : t + 1], st, **kw)
         close(o[:, :, 0], want[:, :, t])
     states_close(st, want_state)
+    assert [t.data_ptr() for t in st if isinstance(t, torch.Tensor)] == tensors  # no new state tensor per token
 
 
 @pytest.mark.parametrize("score", ops.SCORES)
-def test_grouped_gradients_match_reference(score):
-    q, k, v = qkv(19, unit=True)
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_grouped_gradients_match_reference(score, kv_heads):
+    q, k, v = qkv(19, unit=True, kv_heads=kv_heads)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     alpha = torch.tensor(0.5, requires_grad=True)
     kw = dict(group_size=8, score=score, phi=PHIS["elu"], alpha=alpha)
     out, _ = ops.grouped_attention(q, k, v, **kw)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v, alpha))
-    want, _ = ref.grouped_loop(q, k, v, ops.empty_group_state(q, v, kw["phi"]), **kw)
+    want, _ = ref.grouped_loop(q, k, v, ops.empty_group_state(q, k, v, kw["phi"], 8), **kw)
     grads_close(grads, torch.autograd.grad(want.square().sum(), (q, k, v, alpha)))
 
 
@@ -123,8 +135,9 @@ def test_grouped_gradients_match_reference(score):
 
 
 @pytest.mark.parametrize("K", [1, 2, 4, 32])
-def test_conv_equals_loop_and_streams(K):
-    v = rand(B, H, 23, D)
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_conv_equals_loop_and_streams(K, kv_heads):
+    v = rand(B, kv_heads, 23, D)
     w = rand(H, K, seed=5)
     out, tail = ops.causal_dwconv(v, w)
     want, want_tail = ref.conv_loop(v, w, ops.empty_conv_tail(v, K))
@@ -135,10 +148,15 @@ def test_conv_equals_loop_and_streams(K):
     close(torch.cat([o1, o2], 2), want)
     close(t2, want_tail)
     close(ops.advance_conv(t1, v[:, :, 10:]), want_tail)
+    st = t1.clone()  # the step shifts its tail in place
+    for t in range(10, 23):
+        o, st = ops.causal_dwconv(v[:, :, t : t + 1], w, st)
+        close(o[:, :, 0], want[:, :, t])
+    close(st, want_tail)
 
 
 def test_conv_gradients_match_loop():
-    v = rand(B, H, 9, D).requires_grad_()
+    v = rand(B, 1, 9, D).requires_grad_()  # one value head read by every query head's kernel
     w = rand(H, 4, seed=5).requires_grad_()
     tail = ops.empty_conv_tail(v, 4)
     g = torch.autograd.grad(ops.causal_dwconv(v, w, tail)[0].square().sum(), (v, w))
@@ -182,11 +200,11 @@ def test_linear_tree_equals_path_replay(parents, normalize):
 
 @pytest.mark.parametrize("parents", TREES)
 @pytest.mark.parametrize("score", ops.SCORES)
-@pytest.mark.parametrize("prefix", [0, 3, 6])  # 6 of G=8 buffered: deeper paths cross the boundary
-def test_grouped_tree_equals_path_replay(parents, score, prefix):
+@pytest.mark.parametrize("prefix,kv_heads", [(0, 3), (3, 1), (6, 3)])  # 6 of G=8 buffered: deeper paths cross the boundary
+def test_grouped_tree_equals_path_replay(parents, score, prefix, kv_heads):
     kw = grouped_kwargs(score, "elu")
     N = len(parents)
-    q, k, v = qkv(prefix + N + 8, unit=score != "softmax")
+    q, k, v = qkv(prefix + N + 8, unit=score != "softmax", kv_heads=kv_heads)
     _, s0 = ops.grouped_attention(q[:, :, : 8 + prefix], k[:, :, : 8 + prefix], v[:, :, : 8 + prefix], **kw)
     qt, kt, vt = (x[:, :, 8 + prefix :] for x in (q, k, v))
     out = ops.grouped_tree(qt, kt, vt, parents, s0, **kw)
@@ -195,11 +213,11 @@ def test_grouped_tree_equals_path_replay(parents, score, prefix):
 
 
 @pytest.mark.parametrize("parents", TREES)
-@pytest.mark.parametrize("K", [1, 3, 32])
-def test_conv_tree_equals_path_replay(parents, K):
+@pytest.mark.parametrize("K,kv_heads", [(1, 3), (3, 1), (32, 3)])
+def test_conv_tree_equals_path_replay(parents, K, kv_heads):
     N = len(parents)
-    v, w = rand(B, H, N, D), rand(H, K, seed=4)
-    _, tail = ops.causal_dwconv(rand(B, H, 5, D, seed=8), w)  # context shorter than the kernel
+    v, w = rand(B, kv_heads, N, D), rand(H, K, seed=4)
+    _, tail = ops.causal_dwconv(rand(B, kv_heads, 5, D, seed=8), w)  # context shorter than the kernel
     out = ops.conv_tree(v, w, parents, tail)
     want = ref.replay_tree(parents, lambda p: ref.conv_loop(v[:, :, p], w, tail)[0])
     close(out, want)
@@ -213,7 +231,7 @@ def test_single_path_tree_is_plain_decoding():
     close(ops.conv_tree(v, w, chain, tail), ops.causal_dwconv(v, w, tail)[0])
     q, k, _ = qkv(N, unit=True)
     kw = grouped_kwargs("relu2", "relu", G=4)
-    close(ops.grouped_tree(q, k, v, chain, ops.empty_group_state(q, v, F.relu), **kw), ops.grouped_attention(q, k, v, **kw)[0])
+    close(ops.grouped_tree(q, k, v, chain, ops.empty_group_state(q, k, v, F.relu, 4), **kw), ops.grouped_attention(q, k, v, **kw)[0])
 
 
 def test_bad_tree_is_rejected():
