@@ -91,6 +91,22 @@ def test_state_after_speculation_equals_state_after_plain_decoding():
     assert spec.lengths == plain.lengths
 
 
+@torch.inference_mode()
+def test_a_rolled_back_tree_leaves_no_trace():
+    from linconv.speculative import verify as V
+
+    model = converted("llama", keep_softmax_layers=[1], group_size=4, conv_kernel=5)  # a linear and a softmax layer
+    cache = new_cache(model)
+    model(torch.tensor([PROMPT]), cache=cache)
+    states, lengths = cache.snapshot()
+    V.verify(model, cache, CandidateTree.from_paths(5, [[6, 7, 8], [9]]), len(PROMPT))
+    assert cache.tree is not None and cache.get_seq_length(1) == len(PROMPT) + 5  # the softmax layer holds the nodes
+    cache.rollback()
+    assert cache.tree is None and cache.lengths == lengths
+    for a, b in zip(cache.states, states):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+
+
 def test_candidate_tree_merges_shared_prefixes():
     tree = CandidateTree.from_paths(7, [[1, 2], [1, 3], [4]])
     assert tree.tokens == [7, 1, 2, 3, 4] and tree.parents == [-1, 0, 1, 1, 0]

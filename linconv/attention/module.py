@@ -55,11 +55,12 @@ class LinconvAttention(nn.Module):
             cache = None  # transformers may hand us its own cache; linconv keeps its state elsewhere
         elif not self.causal:
             raise LinconvError(f"this {self.variant.name!r} model is not causal and cannot decode step by step")
-        state = LayerState() if cache is None else cache.states[self.layer_idx]
+        state = LayerState() if cache is None else cache.state(self.layer_idx)
         if cache is not None and state.attn is None:
             state = self._empty_state(q, k, v)
         if cache is not None and cache.tree is not None:
-            out, cache.pending[self.layer_idx] = self.attend_tree(q, k, v, state, cache.tree)
+            out, (keys, values) = self.attend_tree(q, k, v, state, cache.tree)
+            cache.hold(self.layer_idx, keys, values, self.advance)
             return self.adapter.output(self, out), None
         out, new_state = self.attend(q, k, v, state)
         if self.transfer:

@@ -8,6 +8,7 @@ allocated once and written in place from the first token to the last.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -52,31 +53,52 @@ class LayerState:
         return LayerState(attn, None if self.conv is None else next(held))
 
 
+Advance = Callable[[LayerState, Tensor, Tensor], LayerState]  # (state, keys, values) -> the state after them
+
+
 class LinconvCache(Cache):
     """The per-model decoding state, usable as ``model(..., cache=c)`` and ``model.generate(cache=c)``.
 
-    transformers' own layer list stays empty: linconv's attention modules read and write
-    ``states[layer]`` themselves (``put``); softmax layers kept by a hybrid go through ``update``.
-    While ``tree`` is set, linear layers verify a candidate tree without touching their state and
-    leave the nodes' keys/values in ``pending`` for committing the accepted path.
+    transformers' own layer list stays empty. The cache owns its rules; callers never edit its lists:
+
+    - a linear layer reads ``state(i)`` and stores what it computed with ``put`` (sequence or step);
+      a softmax layer kept by a hybrid goes through ``update`` like a KV cache;
+    - speculative verification: ``begin_tree(parents)``, one forward in which linear layers compute
+      every node from their state without changing it and ``hold`` the nodes' keys/values, then
+      ``commit(path)`` (advance every layer along the accepted nodes) or ``rollback()``;
+    - ``snapshot()`` / ``restore(snap)`` for drafts that decode ahead and take it back.
     """
 
     def __init__(self, num_layers: int):
         self.layers = []
-        self.states: list[LayerState] = [LayerState() for _ in range(num_layers)]
+        self.states: list[LayerState] = [LayerState() for _ in range(num_layers)]  # read-only outside
         self.lengths = [0] * num_layers
-        self.tree: list[int] | None = None  # parent indices while a speculative tree is verified
-        self.pending: list[tuple[Tensor, Tensor] | None] = [None] * num_layers  # the tree nodes' k, v
+        self._tree: list[int] | None = None  # parent indices while a speculative tree is verified
+        self._held: list[tuple[Tensor, Tensor, Advance] | None] = [None] * num_layers  # linear layers: the nodes' k, v
+        self._past: list[int] = []  # lengths when the tree began
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.lengths[layer_idx or 0]
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        if not any(isinstance(s.attn, KVState) for s in self.states):
+        if not self.has_kv_layers:
             # no softmax layer holds keys: nothing reads the mask, so transformers need not build
             # a [chunk x context] one (64 MB per forward for a 2048-token chunk at 32K context)
             return query_length, 0
         return self.lengths[layer_idx] + query_length, 0
+
+    @property
+    def has_kv_layers(self) -> bool:
+        """Whether softmax layers (kept by a hybrid) hold keys/values here."""
+        return any(isinstance(s.attn, KVState) for s in self.states)
+
+    @property
+    def tree(self) -> list[int] | None:
+        """The parents of the candidate tree being verified (None outside verification)."""
+        return self._tree
+
+    def state(self, layer_idx: int) -> LayerState:
+        return self.states[layer_idx]
 
     def put(self, layer_idx: int, state: LayerState, new_tokens: int) -> None:
         """Store a linear layer's state after it has seen ``new_tokens`` more tokens.
@@ -98,14 +120,61 @@ class LinconvCache(Cache):
         self.lengths[layer_idx] = key_states.shape[2]
         return key_states, value_states
 
+    def begin_tree(self, parents: list[int]) -> None:
+        """Start verifying a candidate tree (parent index per node, -1 below the committed prefix)."""
+        if self._tree is not None:
+            raise RuntimeError("a candidate tree is already being verified: commit or roll it back first")
+        self._tree, self._past = list(parents), list(self.lengths)
+
+    def hold(self, layer_idx: int, keys: Tensor, values: Tensor, advance: Advance) -> None:
+        """Keep a linear layer's tree-node keys/values [B, Hkv, N, D] until the accepted path is
+        known; ``advance`` computes the layer's state after given keys/values."""
+        self._held[layer_idx] = (keys, values, advance)
+
+    def commit(self, path: list[int]) -> None:
+        """Advance every layer along the accepted tree nodes ``path`` (root first) and end the tree.
+
+        Linear layers advance from the keys/values computed during verification (rejected branches
+        never touch their state); softmax layers keep the prefix plus the accepted nodes' keys/values.
+        """
+        for i, held in enumerate(self._held):
+            if held is not None:
+                keys, values, advance = held
+                nodes = torch.tensor(path, device=keys.device)
+                self.states[i] = advance(self.states[i], keys.index_select(2, nodes), values.index_select(2, nodes)).written_into(
+                    self.states[i]
+                )
+                self.lengths[i] = self._past[i] + len(path)
+        self._keep_kv(path)
+        self._end_tree()
+
+    def rollback(self) -> None:
+        """End the tree without accepting any node: every layer is as before ``begin_tree``."""
+        self._keep_kv([])
+        self._end_tree()
+
+    def _keep_kv(self, path: list[int]) -> None:
+        for i, state in enumerate(self.states):
+            if isinstance(state.attn, KVState) and self.lengths[i] > self._past[i]:
+                past = self._past[i]
+                nodes = torch.tensor([past + n for n in path], dtype=torch.long, device=state.attn.k.device)
+                kv = [torch.cat([t[:, :, :past], t.index_select(2, nodes)], 2) for t in state.attn]
+                self.states[i] = LayerState(KVState(*kv))
+                self.lengths[i] = past + len(path)
+
+    def _end_tree(self) -> None:
+        self._tree, self._held, self._past = None, [None] * len(self.states), []
+
     def nbytes(self) -> int:
         """Bytes held by all layers' states."""
         return sum(t.numel() * t.element_size() for s in self.states for t in s.tensors())
 
     def snapshot(self) -> tuple[list[LayerState], list[int]]:
+        """A copy of every layer's state, for ``restore``."""
         return [s.clone() for s in self.states], list(self.lengths)
 
     def restore(self, snap: tuple[list[LayerState], list[int]]) -> None:
+        """Go back to a snapshot, writing it into the states' own tensors where the shapes match."""
         states, lengths = snap
         self.states, self.lengths = [s.written_into(old) for s, old in zip(states, self.states)], list(lengths)
 

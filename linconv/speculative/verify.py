@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
-from linconv.attention.module import LinconvAttention
-from linconv.attention.state import KVState, LayerState, LinconvCache
+from linconv.attention.state import LinconvCache
 from linconv.ops import ancestor_mask
 from linconv.speculative.tree import CandidateTree
 
@@ -32,15 +30,16 @@ def verify(model: nn.Module, cache, tree: CandidateTree, past: int) -> tuple[Ten
     ids = torch.tensor([tree.tokens], device=device)
     positions = torch.tensor([[past + d - 1 for d in tree.depths]], device=device)
     linear = isinstance(cache, LinconvCache)
-    softmax_layers = not linear or any(isinstance(s.attn, KVState) for s in cache.states)
+    softmax_layers = not linear or cache.has_kv_layers
     mask = tree_attention_mask(tree, past, model.dtype, device) if softmax_layers else None  # linear layers use the tree form
     if linear:
-        cache.tree = tree.parents
+        cache.begin_tree(tree.parents)  # until commit: linear layers keep their state and hold the nodes
     try:
         hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
-    finally:
+    except BaseException:
         if linear:
-            cache.tree = None
+            cache.rollback()
+        raise
     return hidden[0], model.get_output_embeddings()(hidden[0]).float()
 
 
@@ -78,21 +77,10 @@ def accept_sampled(tree: CandidateTree, logits: Tensor, sampler) -> tuple[list[i
 
 def commit(model: nn.Module, cache, past: int, path: list[int]) -> None:
     """Advance ``cache`` (which has seen ``past`` tokens) by the accepted tree nodes ``path``."""
-    index = torch.tensor([past + n for n in path], device=next(model.parameters()).device)
-    if isinstance(cache, DynamicCache):
-        for layer in cache.layers:
-            layer.keys = torch.cat([layer.keys[:, :, :past], layer.keys.index_select(2, index)], 2)
-            layer.values = torch.cat([layer.values[:, :, :past], layer.values.index_select(2, index)], 2)
+    if isinstance(cache, LinconvCache):
+        cache.commit(path)
         return
-    nodes = index - past
-    for m in model.modules():
-        if isinstance(m, LinconvAttention):
-            k, v = cache.pending[m.layer_idx]
-            cache.states[m.layer_idx] = m.advance(cache.states[m.layer_idx], k.index_select(2, nodes), v.index_select(2, nodes))
-            cache.pending[m.layer_idx] = None
-            cache.lengths[m.layer_idx] += len(path)
-    for i, state in enumerate(cache.states):
-        if isinstance(state.attn, KVState):  # a softmax layer kept by a hybrid: crop like a KV cache
-            kv = [torch.cat([t[:, :, :past], t.index_select(2, index)], 2) for t in state.attn]
-            cache.states[i] = LayerState(KVState(*kv))
-            cache.lengths[i] = past + len(path)
+    index = torch.tensor([past + n for n in path], device=next(model.parameters()).device)
+    for layer in cache.layers:  # transformers' KV cache: the prefix plus the accepted nodes
+        layer.keys = torch.cat([layer.keys[:, :, :past], layer.keys.index_select(2, index)], 2)
+        layer.values = torch.cat([layer.values[:, :, :past], layer.values.index_select(2, index)], 2)
