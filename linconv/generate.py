@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -214,49 +215,85 @@ def _check_prompts(rows: list[list[int]], model, ignore_limit: bool) -> None:
         )
 
 
-def _step_inputs(mask: Tensor | None, positions: Tensor | None):
-    return {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+class Decoder(Protocol):
+    """How the tokens after the first are produced: plain decoding (one per row and step) here,
+    speculative decoding (several per step) in ``linconv.speculative.decode``."""
+
+    def begin(self, model, cache, sampler: Sampler, prompts: list[list[int]], hidden: Tensor, logits: Tensor, first: Tensor) -> None:
+        """After prefill: the rows' prompts, last hidden states [B, hidden], logits [B, V] and the
+        first tokens sampled from them [B] (emitted, not yet in the cache)."""
+
+    def step(self, room: list[int]) -> list[list[int]]:
+        """One step: each row's next tokens (at least one, at most ``room[row]``)."""
+
+
+class PlainDecoder:
+    """One token per row and step: the newest tokens through the model, the next ones sampled."""
+
+    def __init__(self, mask: Tensor | None = None, keep_logits: bool = False):
+        self.mask = mask  # a left-padded softmax batch: [B, T], and each row's last position [B, 1]
+        self.positions = None if mask is None else mask.sum(-1, keepdim=True) - 1
+        self.kept: list[Tensor] | None = [] if keep_logits else None
+
+    def begin(self, model, cache, sampler: Sampler, prompts: list[list[int]], hidden: Tensor, logits: Tensor, first: Tensor) -> None:
+        self.model, self.cache, self.sampler, self.tokens = model, cache, sampler, first
+        if self.kept is not None:
+            self.kept.append(logits.float().cpu())
+
+    def step(self, room: list[int]) -> list[list[int]]:
+        extra = {}
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+            self.positions = self.positions + 1
+            extra = {"attention_mask": self.mask, "position_ids": self.positions}
+        logits = self.model(self.tokens[:, None], cache=self.cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+        self.tokens = self.sampler(logits)
+        if self.kept is not None:
+            self.kept.append(logits.float().cpu())
+        return [[t] for t in self.tokens.tolist()]
+
+
+def prefill(model, ids: Tensor, cache, chunk: int, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    """Run ``ids`` [B, T] (left-padded where ``mask`` has zeros) through ``model`` into ``cache`` in
+    chunks of ``chunk`` tokens; returns the last position's final hidden states [B, hidden]."""
+    for s in range(0, ids.shape[1], chunk):
+        e = min(s + chunk, ids.shape[1])
+        extra = {} if mask is None else {"attention_mask": mask[:, :e], "position_ids": positions[:, s:e]}
+        hidden = model.base_model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **extra).last_hidden_state[:, -1]
+    return hidden
 
 
 def _run(
-    model, ids: Tensor, mask: Tensor | None, cache, rows: list[_Row], sampler: Sampler, chunk: int, on_token, offset: int, keep_logits: bool
+    model, ids: Tensor, mask: Tensor | None, cache, prompts, rows: list[_Row], sampler: Sampler, chunk: int, on_token, offset: int, decoder
 ):
     """Prefill ``ids`` [B, T] (left-padded where ``mask`` has zeros) in chunks, then decode until every row finishes."""
-    device, B, T = ids.device, *ids.shape
+    device = ids.device
     positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
     sync_device(device)
     t0 = time.perf_counter()
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        extra = {} if mask is None else {"attention_mask": mask[:, :e], "position_ids": positions[:, s:e]}
-        logits = model(ids[:, s:e], cache=cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
-    kept, step_times, decode_tokens = [], [], 0
+    hidden = prefill(model, ids, cache, chunk, mask, positions)
+    logits = model.get_output_embeddings()(hidden)
     tokens = sampler(logits)
     sync_device(device)
     prefill_s = time.perf_counter() - t0
     state_prefill = state_nbytes(cache)
-    if positions is not None:
-        positions = positions[:, -1:]
+    decoder.begin(model, cache, sampler, prompts, hidden, logits, tokens)
+    new, step_times, decode_tokens = [[t] for t in tokens.tolist()], [], 0
     while True:
-        if keep_logits:
-            kept.append(logits.float().cpu())
-        for b, (row, token) in enumerate(zip(rows, tokens.tolist())):
-            if row.finish is None:
-                decode_tokens += bool(step_times)  # the first token of a row comes from prefill
-                text = row.push(token)
-                if on_token is not None:
-                    on_token(offset + b, token, text)
+        for b, (row, row_tokens) in enumerate(zip(rows, new)):
+            for token in row_tokens:
+                if row.finish is None:
+                    decode_tokens += bool(step_times)  # the first token of a row comes from prefill
+                    text = row.push(token)
+                    if on_token is not None:
+                        on_token(offset + b, token, text)
         if all(r.finish is not None for r in rows):
             break
         t = time.perf_counter()
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            positions = positions + 1
-        logits = model(tokens[:, None], cache=cache, use_cache=True, logits_to_keep=1, **_step_inputs(mask, positions)).logits[:, -1]
-        tokens = sampler(logits)
+        new = decoder.step([r.budget - len(r.tokens) for r in rows])
         sync_device(device)
         step_times.append(time.perf_counter() - t)
-    return prefill_s, step_times, decode_tokens, state_prefill, state_nbytes(cache), kept
+    return prefill_s, step_times, decode_tokens, state_prefill, state_nbytes(cache)
 
 
 def _groups(model, rows_ids: list[list[int]], rows: list[_Row], device):
@@ -300,6 +337,7 @@ def generate(
     on_token: OnToken | None = None,
     keep_logits: bool = False,
     ignore_context_limit: bool = False,
+    decoder: Decoder | None = None,
 ) -> GenerationResult:
     """Generate from one prompt (a list of ids) or several (a list of lists, or a [B, T] tensor).
 
@@ -313,8 +351,14 @@ def generate(
     Batches: prompts of different lengths are left-padded for a softmax model; a linconv model runs
     them one at a time, each row with its own state (its group buffer holds a different number of
     tokens), so per-step figures then cover one row at a time.
+
+    ``decoder`` replaces plain decoding after the prefill (one prompt): speculative decoding is
+    ``linconv.speculative.decode.SpeculativeDecoder(draft)``; stopping, streaming, limits and
+    timings are the same.
     """
     rows_ids = _as_rows(prompts)
+    if decoder is not None and (len(rows_ids) > 1 or keep_logits):
+        raise LinconvError("a custom decoder (speculative decoding) takes one prompt and keeps no logits")
     stop_strings = [s for s in stop_strings if s]
     check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
     if stop_strings and tokenizer is None:
@@ -333,8 +377,10 @@ def generate(
     rows = [new_row(len(r)) for r in rows_ids]
     result = GenerationResult([], None, [], [len(r) for r in rows_ids], 0.0, logits=[] if keep_logits else None)
     for ids, mask, cache, group_rows, offset in _groups(model, rows_ids, rows, device):
-        prefill_s, times, n, state0, state1, kept = _run(
-            model, ids, mask, cache, group_rows, sampler, prefill_chunk, on_token, offset, keep_logits
+        plain = PlainDecoder(mask, keep_logits) if decoder is None else None
+        prompts_of_group = rows_ids[offset : offset + len(group_rows)]
+        prefill_s, times, n, state0, state1 = _run(
+            model, ids, mask, cache, prompts_of_group, group_rows, sampler, prefill_chunk, on_token, offset, decoder or plain
         )
         result.prefill_seconds += prefill_s
         result.token_seconds += times
@@ -342,7 +388,7 @@ def generate(
         result.state_bytes_prefill += state0
         result.state_bytes_end += state1
         if keep_logits:
-            result.logits += kept
+            result.logits += plain.kept
     result.tokens = [r.tokens for r in rows]
     result.finish_reasons = [r.finish for r in rows]
     result.texts = [r.text for r in rows] if tokenizer is not None else None

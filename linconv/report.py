@@ -427,9 +427,8 @@ def write_plot(result, path) -> bool:
 
 
 def speculative_line(result) -> str:
-    """The last line of ``linconv generate --spec-decode``."""
+    """The last line of ``linconv generate --spec-decode`` (after :func:`generation_line`)."""
     return (
-        f"{len(result.tokens)} tokens in {result.steps} steps ({result.mean_tokens_per_step:.2f} per step), "
-        f"{result.tokens_per_s:.1f} tok/s, acceptance {result.acceptance_rate:.0%}, "
-        f"accepted per step {result.histogram}, prefill {result.prefill_s:.2f} s"
+        f"speculative: {result.steps} steps ({result.mean_tokens_per_step:.2f} tokens per step), "
+        f"acceptance {result.acceptance_rate:.0%}, accepted per step {result.histogram}"
     )

@@ -77,13 +77,13 @@ def test_prefill_is_chunked_and_computes_last_logits_only():
     seen = {"layer": [], "head": []}
     hooks = [
         model.model.layers[0].register_forward_hook(lambda m, a, o: seen["layer"].append(a[0].shape[1])),
-        model.lm_head.register_forward_hook(lambda m, a, o: seen["head"].append(a[0].shape[1])),
+        model.lm_head.register_forward_hook(lambda m, a, o: seen["head"].append(a[0].numel() // a[0].shape[-1])),  # positions
     ]
     generate(model, prompt(50), max_new_tokens=3, prefill_chunk=16)
     for h in hooks:
         h.remove()
     assert seen["layer"] == [16, 16, 16, 2, 1, 1]
-    assert seen["head"] == [1] * 6  # full-vocabulary logits for one position per forward, never per prompt token
+    assert seen["head"] == [1] * 3  # full-vocabulary logits for one position after the prefill and per step, never per prompt token
 
 
 # --- memory ----------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@ import random
 
 import pytest
 import torch
-from conftest import converted, tiny_config
+from conftest import converted, tiny_config, tiny_tokenizer
 from test_model import CAUSAL
 from transformers import AutoModelForCausalLM
 
 from linconv.attention.state import new_cache
 from linconv.errors import LinconvError
+from linconv.generate import generate
 from linconv.speculative.decode import speculative_generate
 from linconv.speculative.drafts import DraftModel, PromptLookup
 from linconv.speculative.tree import CandidateTree
@@ -187,6 +188,38 @@ def test_generate_cli_speculative(tmp_path):
     for argv, message in bad:
         result = runner.invoke(app, argv)
         assert result.exit_code == 1 and message in result.output, (argv, result.output)
+
+
+def test_generate_cli_speculative_streams_and_stops_like_plain_decoding(tmp_path):
+    from typer.testing import CliRunner
+
+    from linconv.checkpoint import save_checkpoint
+    from linconv.cli import app
+
+    save_checkpoint(converted("llama"), tiny_tokenizer(), tmp_path / "lin", card={})
+    args = ["generate", str(tmp_path / "lin"), "--prompt", "the quick brown fox the quick brown", "--max-new-tokens", "16", "--no-chat"]
+    free = CliRunner().invoke(app, args)
+    text = free.stdout.rstrip("\n")
+    assert free.exit_code == 0 and len(text) > 6, free.output
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    plain = CliRunner().invoke(app, [*args, "--stop", stop])
+    spec = CliRunner().invoke(app, [*args, "--stop", stop, "--spec-decode", "--draft-tokens", "4"])
+    assert spec.exit_code == 0 and plain.exit_code == 0, spec.output
+    assert spec.stdout == plain.stdout == text[: text.index(stop)] + "\n"
+    assert "stopped: stop_string" in spec.stderr and "stopped: stop_string" in plain.stderr and "tokens per step" in spec.stderr
+
+
+@torch.inference_mode()
+def test_speculative_decoding_streams_through_the_engine():
+    model, tok = converted("llama"), tiny_tokenizer()
+    ids = tok("the quick brown fox the quick brown")["input_ids"]
+    pieces = []
+    spec = speculative_generate(
+        model, ids, PromptLookup(num_tokens=4), max_new_tokens=12, tokenizer=tok, on_token=lambda r, t, s: pieces.append(s)
+    )
+    plain = generate(model, ids, max_new_tokens=12, tokenizer=tok, stop_token_ids=())
+    assert spec.tokens == plain.tokens[0] and spec.generation.texts == plain.texts
+    assert "".join(pieces) == plain.texts[0] and len(pieces) == 12 and spec.finish_reason == "max_new_tokens"
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

@@ -52,7 +52,7 @@ def spec_decode_point(model: nn.Module, name: str, kind: str, prompt: list[int],
     """One model on one prompt: plain greedy vs speculative greedy (after a short warm-up of each)."""
     generate(model, prompt, max_new_tokens=2, stop_token_ids=(), ignore_context_limit=True)
     plain = generate(model, prompt, max_new_tokens=new_tokens, stop_token_ids=(), ignore_context_limit=True)
-    spec = speculative_generate(model, prompt, draft, max_new_tokens=new_tokens)
+    spec = speculative_generate(model, prompt, draft, max_new_tokens=new_tokens, ignore_context_limit=True)
     return SpecPoint(
         model=name,
         prompt=kind,

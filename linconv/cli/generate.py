@@ -93,16 +93,14 @@ def generate_command(
 ) -> None:
     """Generate text from a linearized checkpoint, streaming it as it comes; a last line gives tokens/s."""
     from linconv import report
-    from linconv.generate import Sampler, check_options, generate
+    from linconv.generate import check_options, generate
 
     text = _prompt_text(prompt, prompt_file)
     check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
     model, tokenizer = _load(checkpoint, parse_dtype(dtype), parse_device(device))
     ids = _encode(tokenizer, text, checkpoint is None if chat is None else chat, chat is not None)
 
-    if spec_decode:
-        sampler = Sampler(temperature, top_k, top_p, seed)
-        return _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, sampler, max_new_tokens, prefill_chunk)
+    decoder = _speculative_decoder(model, tokenizer, checkpoint, draft, draft_tokens, tree_widths) if spec_decode else None
 
     def stream(row: int, token: int, piece: str) -> None:
         if piece:
@@ -120,24 +118,20 @@ def generate_command(
         tokenizer=tokenizer,
         prefill_chunk=prefill_chunk,
         on_token=stream,
+        decoder=decoder,
     )
     typer.echo("")
     console.print(report.generation_line(result), highlight=False, soft_wrap=True)
+    if decoder is not None:
+        console.print(report.speculative_line(decoder.result(result)), highlight=False, soft_wrap=True)
 
 
-def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, sampler, max_new_tokens, prefill_chunk) -> None:
-    from linconv import report
-    from linconv.generate import default_stop_ids
-    from linconv.speculative.decode import speculative_generate
+def _speculative_decoder(model, tokenizer, checkpoint, draft, draft_tokens, tree_widths):
+    from linconv.speculative.decode import SpeculativeDecoder
     from linconv.speculative.drafts import make_draft
 
     try:
         widths = [int(w) for w in tree_widths.split(",")]
     except ValueError:
         raise LinconvError(f"--tree-widths takes comma-separated numbers, got {tree_widths!r}") from None
-    drafter = make_draft(draft, model, tokenizer, checkpoint, draft_tokens=draft_tokens, tree_widths=widths)
-    result = speculative_generate(
-        model, ids, drafter, max_new_tokens=max_new_tokens, stop_ids=default_stop_ids(model), prefill_chunk=prefill_chunk, sampler=sampler
-    )
-    typer.echo(tokenizer.decode(result.tokens, skip_special_tokens=True))
-    console.print(report.speculative_line(result), highlight=False, soft_wrap=True)
+    return SpeculativeDecoder(make_draft(draft, model, tokenizer, checkpoint, draft_tokens=draft_tokens, tree_widths=widths))
