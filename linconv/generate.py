@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from linconv.compiled import compiled_decode_step, decode_step
 from linconv.errors import LinconvError
 from linconv.models.hf import is_linconv
 
@@ -228,25 +229,27 @@ class Decoder(Protocol):
 
 
 class PlainDecoder:
-    """One token per row and step: the newest tokens through the model, the next ones sampled."""
+    """One token per row and step: the newest tokens through ``step`` (the model, eager or compiled:
+    :mod:`linconv.compiled`), the next ones sampled."""
 
-    def __init__(self, mask: Tensor | None = None, keep_logits: bool = False):
-        self.mask = mask  # a left-padded softmax batch: [B, T], and each row's last position [B, 1]
-        self.positions = None if mask is None else mask.sum(-1, keepdim=True) - 1
+    def __init__(self, mask: Tensor | None = None, keep_logits: bool = False, step=decode_step):
+        self.mask, self.step_fn = mask, step  # mask: a left-padded softmax batch [B, T]
         self.kept: list[Tensor] | None = [] if keep_logits else None
 
     def begin(self, model, cache, sampler: Sampler, prompts: list[list[int]], hidden: Tensor, logits: Tensor, first: Tensor) -> None:
         self.model, self.cache, self.sampler, self.tokens = model, cache, sampler, first
+        if self.mask is None:  # [B, 1]: the position of each row's newest token
+            self.positions = torch.tensor([[len(p) - 1] for p in prompts], device=first.device)
+        else:
+            self.positions = self.mask.sum(-1, keepdim=True) - 1
         if self.kept is not None:
             self.kept.append(logits.float().cpu())
 
     def step(self, room: list[int]) -> list[list[int]]:
-        extra = {}
+        self.positions = self.positions + 1
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-            self.positions = self.positions + 1
-            extra = {"attention_mask": self.mask, "position_ids": self.positions}
-        logits = self.model(self.tokens[:, None], cache=self.cache, use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+        logits = self.step_fn(self.model, self.tokens[:, None], self.positions, self.cache, self.mask)
         self.tokens = self.sampler(logits)
         if self.kept is not None:
             self.kept.append(logits.float().cpu())
@@ -338,6 +341,7 @@ def generate(
     keep_logits: bool = False,
     ignore_context_limit: bool = False,
     decoder: Decoder | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
     """Generate from one prompt (a list of ids) or several (a list of lists, or a [B, T] tensor).
 
@@ -354,7 +358,8 @@ def generate(
 
     ``decoder`` replaces plain decoding after the prefill (one prompt): speculative decoding is
     ``linconv.speculative.decode.SpeculativeDecoder(draft)``; stopping, streaming, limits and
-    timings are the same.
+    timings are the same. ``compile`` runs plain decoding steps through ``torch.compile``
+    (:mod:`linconv.compiled`; the first steps then include compiling).
     """
     rows_ids = _as_rows(prompts)
     if decoder is not None and (len(rows_ids) > 1 or keep_logits):
@@ -377,7 +382,7 @@ def generate(
     rows = [new_row(len(r)) for r in rows_ids]
     result = GenerationResult([], None, [], [len(r) for r in rows_ids], 0.0, logits=[] if keep_logits else None)
     for ids, mask, cache, group_rows, offset in _groups(model, rows_ids, rows, device):
-        plain = PlainDecoder(mask, keep_logits) if decoder is None else None
+        plain = PlainDecoder(mask, keep_logits, compiled_decode_step() if compile else decode_step) if decoder is None else None
         prompts_of_group = rows_ids[offset : offset + len(group_rows)]
         prefill_s, times, n, state0, state1 = _run(
             model, ids, mask, cache, prompts_of_group, group_rows, sampler, prefill_chunk, on_token, offset, decoder or plain

@@ -104,6 +104,23 @@ def converted(arch: str = "llama", variant: str = "augmented", seed: int = 0, **
     return model
 
 
+def state_contents(cache) -> list[torch.Tensor]:
+    """The tensors that carry a LinconvCache's information: a group buffer only up to its fill (the
+    slots after it hold stale keys of an earlier group)."""
+    from linconv.ops import GroupState
+
+    out = []
+    for state in cache.states:
+        attn = state.attn
+        if isinstance(attn, GroupState):
+            out += [attn.S, attn.z, attn.keys(), attn.values(), torch.tensor(attn.fill)]
+        elif attn is not None:
+            out += [t for t in attn if t is not None]
+        if state.conv is not None:
+            out.append(state.conv)
+    return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 20x."""

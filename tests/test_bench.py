@@ -202,6 +202,7 @@ EXPECTED_KEYS = {
     "settings": [
         "baseline",
         "checkpoint",
+        "compile",
         "contexts",
         "decode_tokens",
         "device",

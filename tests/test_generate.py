@@ -86,6 +86,48 @@ def test_prefill_is_chunked_and_computes_last_logits_only():
     assert seen["head"] == [1] * 3  # full-vocabulary logits for one position after the prefill and per step, never per prompt token
 
 
+# --- the compiled step ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiling takes minutes on a CPU
+@torch.inference_mode()
+def test_compiled_step_equals_eager_steps_one_forward_and_speculation():
+    from conftest import state_contents
+
+    from linconv.compiled import compiled_decode_step
+    from linconv.speculative.decode import speculative_generate
+    from linconv.speculative.drafts import PromptLookup
+
+    model = converted("llama", group_size=4, conv_kernel=3)  # 12 steps cross three group boundaries
+    ids = prompt(7)
+    eager = generate(model, ids, max_new_tokens=12, keep_logits=True)
+    comp = generate(model, ids, max_new_tokens=12, keep_logits=True, compile=True)
+    assert comp.tokens == eager.tokens
+    full = model(torch.tensor([ids + comp.tokens[0]]), use_cache=False).logits[0]
+    torch.testing.assert_close(torch.cat(comp.logits), full[len(ids) - 1 : -1], atol=1e-5, rtol=1e-4)
+    cache, plain = model.new_cache(), model.new_cache()
+    model(torch.tensor([ids]), cache=cache)
+    for i, token in enumerate(comp.tokens[0][:-1]):
+        compiled_decode_step()(model, torch.tensor([[token]]), torch.tensor([[len(ids) + i]]), cache)
+    model(torch.tensor([ids + comp.tokens[0][:-1]]), cache=plain)
+    for a, b in zip(state_contents(cache), state_contents(plain)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert speculative_generate(model, ids, PromptLookup(num_tokens=4), max_new_tokens=12).tokens == comp.tokens[0]
+    softmax = softmax_model("llama")
+    assert generate(softmax, ids, max_new_tokens=12, compile=True).tokens == generate(softmax, ids, max_new_tokens=12).tokens
+
+
+def test_compile_plan_falls_back_to_eager_without_a_compiler(monkeypatch):
+    import linconv.compiled as C
+
+    assert C.compile_plan("cpu", None) == (False, None) and C.compile_plan("cpu", False) == (False, None)
+    monkeypatch.setattr(C.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert C.compile_plan("cpu", True) == (True, None)
+    monkeypatch.setattr(C.shutil, "which", lambda name: None)
+    use, note = C.compile_plan("cpu", True)
+    assert not use and note.startswith("--compile: no C++ compiler") and note.endswith("decoding eagerly")
+
+
 # --- memory ----------------------------------------------------------------------------------------
 
 
@@ -272,6 +314,17 @@ def test_cli_streams_text_and_reports_speed(checkpoint):
         and "decode" in result.stderr
         and "state" in result.stderr
     )
+
+
+def test_cli_compile_without_a_compiler_notes_it_and_decodes_eagerly(checkpoint, monkeypatch):
+    import linconv.compiled as C
+
+    monkeypatch.setattr(C.shutil, "which", lambda name: None)
+    eager = invoke(checkpoint, "--prompt", "hello world", "--max-new-tokens", 4, "--device", "cpu")
+    result = invoke(checkpoint, "--prompt", "hello world", "--max-new-tokens", 4, "--device", "cpu", "--compile")
+    assert result.exit_code == 0, result.output
+    assert "--compile: no C++ compiler (g++, c++, clang++) found; decoding eagerly" in result.stderr
+    assert result.stdout == eager.stdout
 
 
 def test_cli_prompt_file_sampling_and_stop(checkpoint, tmp_path):

@@ -46,6 +46,31 @@ def test_recurrent_decode_equals_parallel_forward(arch, variant):
     assert cache.get_seq_length() == 13
 
 
+@pytest.mark.parametrize("variant", ["augmented-softmax", "relu"])
+def test_a_long_forward_runs_in_slices_with_the_same_outputs_and_gradients(variant, monkeypatch):
+    """Slicing bounds the temporaries of one forward; it must not change outputs, gradients or the state."""
+    import linconv.attention.module as M
+
+    model = converted("llama", variant, group_size=6, conv_kernel=5)
+    ids = torch.randint(0, 90, (2, 57))
+    runs = {}
+    for slice_tokens in (10**6, 16):  # whole segment, then slices of 12 tokens (two groups of 6)
+        monkeypatch.setattr(M, "SLICE_TOKENS", slice_tokens)
+        model.zero_grad()
+        logits = model(ids, use_cache=False).logits
+        logits.square().mean().backward()
+        cache = model.new_cache()
+        with torch.inference_mode():
+            model(ids[:, :5], cache=cache)
+            model(ids[:, 5:], cache=cache)  # continues a state whose group is part-filled
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        runs[slice_tokens] = (logits.detach(), grads, [t for s in cache.states for t in s.tensors()])
+    (a, ga, sa), (b, gb, sb) = runs.values()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for x, y in zip(ga + sa, gb + sb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("variant", ["augmented-softmax", "augmented", "hedgehog"])
 @torch.inference_mode()
 def test_state_is_allocated_once_and_never_changes_size(variant):

@@ -19,6 +19,8 @@ from linconv.attention.variants import get_variant
 from linconv.config import LinearizeConfig
 from linconv.errors import LinconvError
 
+SLICE_TOKENS = 512  # tokens per slice of a long segment (rounded to whole groups; see ``attend``)
+
 
 class LinconvAttention(nn.Module):
     def __init__(self, original: nn.Module, adapter, layer_idx: int, num_layers: int, cfg: LinearizeConfig, dims: tuple[int, int, int]):
@@ -75,8 +77,24 @@ class LinconvAttention(nn.Module):
         """Attention of a segment continuing ``state``: q [B, H, T, D], k, v [B, Hkv, T, D].
 
         A decoding step (T = 1) writes into ``state``'s tensors in place; longer segments return a
-        new state of the same shapes.
+        new state of the same shapes. A long segment runs in slices of about SLICE_TOKENS (whole
+        groups), carrying the state, so that its fp32 temporaries (scores, features, repeated keys)
+        do not grow with its length: one forward then fits as many tokens as the original's.
         """
+        length = q.shape[2]
+        size = max(self.group_size, SLICE_TOKENS // self.group_size * self.group_size)
+        if length <= size or not self.causal:
+            return self._attend_segment(q, k, v, state)
+        out = v.new_empty(*q.shape[:3], v.shape[-1])
+        start = 0
+        while start < length:
+            fill = state.attn.fill if isinstance(state.attn, ops.GroupState) else 0
+            end = min(length, start + size - fill)  # later slices start on a group boundary
+            out[:, :, start:end], state = self._attend_segment(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], state)
+            start = end
+        return out, state
+
+    def _attend_segment(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         if not self.variant.causal:
             return self._linformer(q, *self._repeat(k, v)), state
         q, k, v = self._prepare(q, k, v)

@@ -105,6 +105,7 @@ class BenchSettings:
     spec_tokens: int = 64  # tokens generated per speculative-decoding measurement
     ppl_tokens: int | None = None  # 0: the whole text
     threads: int | None = None
+    compile: bool = False  # speed: decode steps through torch.compile (linconv.compiled), both models alike
 
     def resolve(self) -> BenchSettings:
         """Fill device defaults and check every option (LinconvError on the first bad one)."""
@@ -360,6 +361,7 @@ def _speed(result: BenchResult, models, s: BenchSettings, progress: Progress) ->
             decode_tokens=s.decode_tokens,
             repeats=s.repeats,
             prefill_chunk=s.prefill_chunk,
+            compile=s.compile,
             progress=lambda done, total, label=label: progress(label, done, total, ""),
         )
 

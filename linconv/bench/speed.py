@@ -9,7 +9,8 @@ and then ``decode_tokens`` tokens are generated greedily, with no stop token. Th
   at context C + i; the median shrugs off the odd step slowed by another process on the machine);
 - the decoding state's size after the last step (KV cache for softmax, the fixed state for linconv).
 
-One warm-up generation precedes the measurements; CUDA work is synchronised before every clock read
+One warm-up generation precedes the measurements (with ``compile``, it compiles the decode step:
+:mod:`linconv.compiled`, the same for every model); CUDA work is synchronised before every clock read
 (the engine does that). The prompt is a fixed pseudo-random token sequence: speed does not depend
 on the content.
 """
@@ -66,6 +67,7 @@ def speed(
     warmup: int = 1,
     prefill_chunk: int = 2048,
     seed: int = 0,
+    compile: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SpeedResult:
     """Prefill and decode tokens/s of ``model`` at each context length (see the module docstring)."""
@@ -80,7 +82,15 @@ def speed(
     prompt = torch.randint(0, vocab, (max(contexts),), generator=g).tolist()
 
     def run(n: int, new: int):
-        return generate(model, prompt[:n], max_new_tokens=new, stop_token_ids=(), prefill_chunk=prefill_chunk, ignore_context_limit=True)
+        return generate(
+            model,
+            prompt[:n],
+            max_new_tokens=new,
+            stop_token_ids=(),
+            prefill_chunk=prefill_chunk,
+            ignore_context_limit=True,
+            compile=compile,
+        )
 
     for _ in range(warmup):
         run(min(min(contexts), 128), 4)

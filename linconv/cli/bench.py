@@ -66,12 +66,18 @@ def bench_command(
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model)."),
     threads: int | None = typer.Option(None, help="CPU threads (default: torch's; on a CPU shared with other jobs 1 can be much faster)."),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Speed: both models' decode steps through torch.compile (needs a C++ compiler; minutes to compile on a CPU). Default: eager.",
+    ),
 ) -> None:
     """Measure perplexity, max sequence length, tokens/s and causality, original vs linearized."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from linconv import report
     from linconv.bench.run import BenchSettings, run_bench
+    from linconv.compiled import compile_plan
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise LinconvError(f"--plot must name a .png file, got {plot}")
@@ -95,6 +101,9 @@ def bench_command(
         threads=threads,
         spec_tokens=spec_tokens,
     )
+    settings.compile, note = compile_plan(settings.device, compile)
+    if note:
+        console.print(note, highlight=False)
     settings.resolve()  # bad options fail before any model is loaded
 
     def save(result) -> None:

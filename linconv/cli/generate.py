@@ -88,15 +88,24 @@ def generate_command(
     tree_widths: str = typer.Option(
         "4,2,2", help="With --spec-decode: candidates per tree depth (medusa), or candidate paths (lookup: first number)."
     ),
+    compile: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Run the decode steps through torch.compile (needs a C++ compiler; compiling takes minutes on a CPU). Default: eager.",
+    ),
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model)."),
 ) -> None:
     """Generate text from a linearized checkpoint, streaming it as it comes; a last line gives tokens/s."""
     from linconv import report
+    from linconv.compiled import compile_plan
     from linconv.generate import check_options, generate
 
     text = _prompt_text(prompt, prompt_file)
     check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
+    use_compile, note = compile_plan(parse_device(device), compile)
+    if note:
+        console.print(note, highlight=False)
     model, tokenizer = _load(checkpoint, parse_dtype(dtype), parse_device(device))
     ids = _encode(tokenizer, text, checkpoint is None if chat is None else chat, chat is not None)
 
@@ -119,6 +128,7 @@ def generate_command(
         prefill_chunk=prefill_chunk,
         on_token=stream,
         decoder=decoder,
+        compile=use_compile,
     )
     typer.echo("")
     console.print(report.generation_line(result), highlight=False, soft_wrap=True)

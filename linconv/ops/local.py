@@ -72,16 +72,16 @@ def _buffered(k: Tensor, v: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return pad(k), pad(v)
 
 
-def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Tensor]:
+def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Tensor | None]:
     """Score weights (zero where ``mask`` is False) and the log-shift m that they carry.
 
-    ``logits``: [..., Tq, Tk]; ``mask``: broadcastable bool. m [..., Tq, 1] is zero except for
-    softmax, whose weights are exp(l − m); the global term must then be scaled by exp(−m).
+    ``logits``: [..., Tq, Tk]; ``mask``: broadcastable bool, True for every key a query sees (each
+    query sees at least its own key). m [..., Tq, 1] is None except for softmax, whose weights are
+    exp(l − m) with m the row maximum; the global term must then be scaled by exp(−m) (:func:`global_scale`).
     """
     if score == "softmax":
-        masked = logits.masked_fill(~mask, float("-inf"))
+        masked = torch.where(mask, logits, float("-inf"))
         m = masked.amax(-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         return torch.exp(masked - m), m
     if score == "relu2":
         w = torch.relu(logits).square()
@@ -89,7 +89,12 @@ def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Ten
         w = (1.0 - torch.arccos(logits.clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi).pow(YOSO_TAU)
     else:
         raise ValueError(f"unknown local score {score!r}; choose from {', '.join(SCORES)}")
-    return w.masked_fill(~mask, 0.0), torch.zeros_like(logits[..., :1])
+    return torch.where(mask, w, 0.0), None
+
+
+def global_scale(alpha: Tensor | float, m: Tensor | None) -> Tensor | float:
+    """The weight of the global term beside local weights that carry the shift ``m``: α·exp(−m)."""
+    return alpha if m is None else alpha * torch.exp(-m)
 
 
 def _group_sums(k: Tensor, v: Tensor, heads: int, phi: FeatureMap) -> tuple[Tensor, Tensor]:
@@ -159,7 +164,7 @@ def grouped_attention(
         kz = kf.sum(3)  # [B, H, n, F]
         S_before = S.unsqueeze(2) + exclusive_cumsum(kv)
         z_before = z.unsqueeze(2) + exclusive_cumsum(kz)
-        scale = alpha * torch.exp(-m)
+        scale = global_scale(alpha, m)
         num = num + scale * (qf @ S_before)
         den = den + scale * (qf * z_before.unsqueeze(3)).sum(-1, keepdim=True)
         S, z = S + kv[:, :, :done].sum(2), z + kz[:, :, :done].sum(2)
@@ -189,20 +194,27 @@ def grouped_step(
     """
     B, H, _, Dk = q.shape
     Hkv, Dv, n = k.shape[1], v.shape[-1], state.fill
-    state.k_buf[:, :, n] = k[:, :, 0]
-    state.v_buf[:, :, n] = v[:, :, 0]
+    slot = torch.full((1,), n, dtype=torch.long, device=q.device)  # (a tensor index: torch.compile keeps n symbolic)
+    state.k_buf.index_copy_(2, slot, k.float())
+    state.v_buf.index_copy_(2, slot, v.float())
     q32 = q.float()
     valid = torch.arange(group_size, device=q.device) <= n  # [G]: this group's slots so far
-    logits = q32.reshape(B, Hkv, H // Hkv, Dk) @ state.k_buf.transpose(-1, -2)  # [B, Hkv, rep, G]
+    logits = q32.view(B, Hkv, H // Hkv, Dk) @ state.k_buf.transpose(-1, -2)  # [B, Hkv, rep, G]
     w, m = local_weights(logits, valid, score)
     num = (w @ state.v_buf).view(B, H, 1, Dv)
     den = w.sum(-1).view(B, H, 1, 1)
     if phi is not None:
         qf = phi(q32)  # [B, H, 1, F]
-        scale = alpha * torch.exp(-m.view(B, H, 1, 1))
+        scale = global_scale(alpha, None if m is None else m.view(B, H, 1, 1))
         num = num + scale * (qf @ state.S)
         den = den + scale * (qf @ state.z.unsqueeze(-1))
-    if n + 1 == group_size and phi is not None:
+    if phi is not None and torch.compiler.is_compiling():  # one graph for every position: the fold is a branch in it
+        fold = lambda k_buf, v_buf: _group_sums(k_buf, v_buf, H, phi)
+        keep = lambda k_buf, v_buf: (state.S.new_zeros(state.S.shape), state.z.new_zeros(state.z.shape))
+        kv, kz = torch.cond(n + 1 == group_size, fold, keep, (state.k_buf, state.v_buf))
+        state.S.add_(kv)
+        state.z.add_(kz)
+    elif phi is not None and n + 1 == group_size:  # the group is complete: S, z absorb it
         kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi)
         state.S.add_(kv)
         state.z.add_(kz)

@@ -76,7 +76,7 @@ def grouped_loop(
         if phi is not None:
             S = state.S + phi(keys[:, :, :start]).transpose(-1, -2) @ vals[:, :, :start]
             z = state.z + phi(keys[:, :, :start]).sum(2)
-            scale = alpha * torch.exp(-m)
+            scale = alpha if m is None else alpha * torch.exp(-m)
             num = num + scale * (phi(qt) @ S)
             den = den + scale * (phi(qt) @ z.unsqueeze(-1))
         outs.append((num / (den + EPS))[:, :, 0])

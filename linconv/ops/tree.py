@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from linconv.ops.linear import EPS, LinearState, repeat_heads
-from linconv.ops.local import FeatureMap, GroupState, local_weights
+from linconv.ops.local import FeatureMap, GroupState, global_scale, local_weights
 
 
 def tree_depths(parents: Sequence[int]) -> list[int]:
@@ -92,7 +92,7 @@ def grouped_tree(
     if phi is not None:
         qphi, kphi = phi(qf32), phi(keys)
         g = (qphi @ kphi.transpose(-1, -2)).masked_fill(~global_mask, 0.0)
-        scale = alpha * torch.exp(-m)
+        scale = global_scale(alpha, m)
         num = num + scale * (g @ vals + qphi @ state.S)
         den = den + scale * (g.sum(-1, keepdim=True) + (qphi * state.z.unsqueeze(2)).sum(-1, keepdim=True))
     return (num / (den + EPS)).to(v.dtype)

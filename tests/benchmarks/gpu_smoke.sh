@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU smoke test (run by hand on a CUDA machine; about 3-5 minutes on one GPU):
+# GPU smoke test (run by hand on a CUDA machine; about 6-10 minutes on one GPU):
 # convert the built-in SmolLM2-135M-Instruct, then `linconv bench` it against the original on CUDA
-# in bf16. Prints the bench tables, then one JSON line with the headline figures.
+# in bf16, eager and with the compiled decode step. Prints the bench tables, then one JSON line with the headline figures.
 #   bash tests/benchmarks/gpu_smoke.sh [OUTDIR]
 set -euo pipefail
 OUT="${1:-$(mktemp -d -t linconv-gpu-smoke.XXXXXX)}"
@@ -19,9 +19,26 @@ time linconv bench "$OUT/ckpt" --device cuda --dtype bf16 \
     --contexts 256,2048,8192,16384 --decode-tokens 32 --repeats 2 --ppl-tokens 65536 \
     --json "$OUT/bench.json" --plot "$OUT/bench.png"
 
-"$PY" - "$OUT/bench.json" <<'PYEOF'
+# The compiled decode step (torch.compile of the one-token step, both models alike) on the same
+# contexts, then compiled vs eager greedy tokens in bf16 (fused kernels round differently, so the
+# agreement is reported rather than required).
+time linconv bench "$OUT/ckpt" --device cuda --dtype bf16 --tasks speed --compile \
+    --contexts 256,2048,8192,16384 --decode-tokens 64 --repeats 2 --json "$OUT/bench_compiled.json"
+"$PY" - "$OUT/ckpt" > "$OUT/compiled_tokens.json" <<'PYEOF'
+import json, sys, torch, linconv
+from linconv.generate import generate
+model, tok = linconv.load(sys.argv[1], dtype=torch.bfloat16, device="cuda")
+ids = tok("The history of the city begins with")["input_ids"]
+eager = generate(model, ids, max_new_tokens=300, stop_token_ids=()).tokens[0]  # crosses a group boundary
+compiled = generate(model, ids, max_new_tokens=300, stop_token_ids=(), compile=True).tokens[0]
+same = next((i for i, (a, b) in enumerate(zip(eager, compiled)) if a != b), len(eager))
+print(json.dumps({"compiled_equals_eager_tokens": same}))
+PYEOF
+
+"$PY" - "$OUT/bench.json" "$OUT/bench_compiled.json" "$OUT/compiled_tokens.json" <<'PYEOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
+c = json.load(open(sys.argv[2]))["speed"]
 ppl, ml, sp = d["perplexity"], d["max_length"], d["speed"]
 pick = lambda role: {p["context"]: round(p["decode_tokens_per_s"], 1) for p in sp[role]}
 print(json.dumps({
@@ -30,6 +47,8 @@ print(json.dumps({
     "maxlen_generate": {r: [ml["generate"][r]["max_length"], ml["generate"][r]["bound"]] for r in ("original", "linearized")},
     "maxlen_forward": {r: [ml["forward"][r]["max_length"], ml["forward"][r]["bound"]] for r in ("original", "linearized")},
     "decode_tok_s": {r: pick(r) for r in ("original", "linearized")},
+    "compiled_decode_tok_s": {r: {p["context"]: round(p["decode_tokens_per_s"], 1) for p in c[r]} for r in ("original", "linearized")},
+    **json.load(open(sys.argv[3])),
     "leaks": d["leakage"]["leaks"],
 }))
 PYEOF
