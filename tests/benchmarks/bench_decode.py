@@ -3,8 +3,9 @@
 
 Measures, fp32 on CPU (or ``--device cuda``), with the engine of ``linconv.generate``:
 
-1. Decode tokens/s at each context (default 256, 2K, 8K, 16K) for a fresh conversion of the default
-   model (SmolLM2-135M-Instruct, default ``augmented`` variant) and for the original softmax model.
+1. Decode tokens/s at each context (default 256, 1K, 4K, 16K) for a fresh conversion of the default
+   model (SmolLM2-135M-Instruct, default recipe) and for the original softmax model, both through
+   ``linconv.generate`` (eager, or ``--compile``: the same compiled one-token step for both).
    The context is reached by a chunked prefill of random token ids (speed does not depend on the
    text); then ``--warmup`` decode steps are discarded and the median of the next ``--steps`` is taken.
    Past the original's trained 8K context its positions extrapolate: the speed is still meaningful.
@@ -20,11 +21,15 @@ Measures, fp32 on CPU (or ``--device cuda``), with the engine of ``linconv.gener
    reset just before (glibc's mmap threshold is fixed at 1 MiB first so freed chunks are returned;
    RSS still includes allocator slack); CUDA: max_memory_allocated.
 
+The JSON's ``targets`` compares the figures with issue 12's: linearized ÷ original decode tokens/s
+>= 0.95 / 1.2 / 2 / 5 at 256 / 1K / 4K / 16K, flatness (16K ÷ 256) >= 0.95, >= 60% of the roofline at
+256, a decoding state that is the same size at every context and <= 24 MB.
+
 Prints progress on stderr, rich tables, then one JSON object as the last line. Run:
 
-    python tests/benchmarks/bench_decode.py [--contexts 256,2048,8192,16384] [--steps 32]
+    python tests/benchmarks/bench_decode.py [--contexts 256,1024,4096,16384] [--steps 32]
         [--warmup 4] [--prefill-chunk 2048] [--prefill-memory 32768] [--hf-context 256]
-        [--threads N] [--device cpu|cuda] [--no-original]
+        [--threads N] [--device cpu|cuda] [--compile] [--no-original]
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from linconv.models import ADAPTERS
 from linconv.sources import load_source
 
 out, err = Console(), Console(stderr=True)
+RATIO_TARGETS = {256: 0.95, 1024: 1.2, 4096: 2.0, 16384: 5.0}  # linearized ÷ original decode tokens/s (issue 12)
 
 
 def sync(device: torch.device) -> None:
@@ -97,6 +103,7 @@ def measure(model, n: int, args, label: str) -> dict:
         stop_token_ids=(),
         prefill_chunk=args.prefill_chunk,
         ignore_context_limit=True,
+        compile=args.compile,
     )
     step = statistics.median(res.token_seconds[args.warmup :])
     err.print(
@@ -191,7 +198,7 @@ def mb(n: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", default="256,2048,8192,16384")
+    p.add_argument("--contexts", default="256,1024,4096,16384")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--prefill-chunk", type=int, default=2048)
@@ -200,6 +207,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-original", action="store_true", help="measure the linearized model only")
+    p.add_argument(
+        "--compile", action="store_true", help="decode steps through torch.compile, both models (warm-up steps absorb compiling)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -293,8 +303,26 @@ def main() -> None:
         ),
         "loop_vs_transformers": loops,
         "prefill_memory": memory,
+        "compiled": args.compile,
+        "targets": targets(results, contexts),
     }
     print(json.dumps(summary))
+
+
+def targets(results: dict[int, dict[str, dict]], contexts: list[int]) -> dict:
+    """Each figure of issue 12 beside its target: {name: {"value", "target", "met"}}."""
+    lin = {n: r["linearized"] for n, r in results.items()}
+    check = lambda value, target: {"value": value, "target": target, "met": value >= target}
+    out = {}
+    for n, target in RATIO_TARGETS.items():
+        if n in results and "original" in results[n]:
+            out[f"lin_over_orig_{n}"] = check(lin[n]["decode_tok_s"] / results[n]["original"]["decode_tok_s"], target)
+    lo, hi = contexts[0], contexts[-1]
+    out[f"flatness_{hi}_over_{lo}"] = check(lin[hi]["decode_tok_s"] / lin[lo]["decode_tok_s"], 0.95)
+    out[f"roofline_fraction_{lo}"] = check(lin[lo]["roofline_fraction"], 0.60)
+    sizes = {r["state_bytes"] for r in lin.values()}
+    out["state_bytes"] = {"value": max(sizes), "target": 24e6, "met": len(sizes) == 1 and max(sizes) <= 24e6, "constant": len(sizes) == 1}
+    return out
 
 
 if __name__ == "__main__":
