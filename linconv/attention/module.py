@@ -22,6 +22,12 @@ from linconv.errors import LinconvError
 SLICE_TOKENS = 512  # tokens per slice of a long segment (rounded to whole groups; see ``attend``)
 
 
+def _fp32(*tensors: Tensor) -> list[Tensor]:
+    """The attention computes in fp32 whatever the weights' dtype (bf16: q, k normalised or scaled,
+    scores, the local and global parts and the conv summed before a single rounding)."""
+    return [t.float() for t in tensors]
+
+
 class LinconvAttention(nn.Module):
     def __init__(self, original: nn.Module, adapter, layer_idx: int, num_layers: int, cfg: LinearizeConfig, dims: tuple[int, int, int]):
         super().__init__()
@@ -97,7 +103,8 @@ class LinconvAttention(nn.Module):
     def _attend_segment(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         if not self.variant.causal:
             return self._linformer(q, *self._repeat(k, v)), state
-        q, k, v = self._prepare(q, k, v)
+        dtype = v.dtype
+        q, k, v = self._prepare(*_fp32(q, k, v))  # one rounding to the model's dtype, at the end
         phi, var = self.feature_map, self.variant
         if var.score:
             out, attn = ops.grouped_attention(q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
@@ -114,7 +121,7 @@ class LinconvAttention(nn.Module):
         elif self.conv is not None:
             local, conv = ops.causal_dwconv(v, self.conv, conv)
             out = out + local
-        return out, LayerState(attn, conv)
+        return out.to(dtype), LayerState(attn, conv)
 
     def attend_tree(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState, parents: list[int]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Every node of a candidate tree as if its root-to-node path had been decoded from ``state``.
@@ -122,7 +129,8 @@ class LinconvAttention(nn.Module):
         q [B, H, N, D], k, v [B, Hkv, N, D] hold the N tree nodes. The state is left alone; returns
         the outputs and the nodes' prepared keys/values, from which ``advance`` commits the accepted path.
         """
-        q, k, v = self._prepare(q, k, v)
+        dtype = v.dtype
+        q, k, v = self._prepare(*_fp32(q, k, v))
         phi, var = self.feature_map, self.variant
         if var.score:
             out = ops.grouped_tree(q, k, v, parents, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
@@ -132,7 +140,7 @@ class LinconvAttention(nn.Module):
         out = self._norm(out)
         if self.conv is not None:
             out = out + ops.conv_tree(v, self.conv, parents, state.conv)
-        return out, (k, v)
+        return out.to(dtype), (k, v)
 
     def advance(self, state: LayerState, k: Tensor, v: Tensor) -> LayerState:
         """The state after also seeing prepared keys/values [B, Hkv, T, D] (from ``attend_tree``)."""

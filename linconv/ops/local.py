@@ -72,15 +72,16 @@ def _buffered(k: Tensor, v: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return pad(k), pad(v)
 
 
-def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Tensor | None]:
+def local_weights(logits: Tensor, mask: Tensor | None, score: str) -> tuple[Tensor, Tensor | None]:
     """Score weights (zero where ``mask`` is False) and the log-shift m that they carry.
 
     ``logits``: [..., Tq, Tk]; ``mask``: broadcastable bool, True for every key a query sees (each
-    query sees at least its own key). m [..., Tq, 1] is None except for softmax, whose weights are
-    exp(l − m) with m the row maximum; the global term must then be scaled by exp(−m) (:func:`global_scale`).
+    query sees at least its own key), or None when it sees them all. m [..., Tq, 1] is None except
+    for softmax, whose weights are exp(l − m) with m the row maximum; the global term must then be
+    scaled by exp(−m) (:func:`global_scale`).
     """
     if score == "softmax":
-        masked = torch.where(mask, logits, float("-inf"))
+        masked = logits if mask is None else torch.where(mask, logits, float("-inf"))
         m = masked.amax(-1, keepdim=True).detach()
         return torch.exp(masked - m), m
     if score == "relu2":
@@ -89,7 +90,7 @@ def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Ten
         w = (1.0 - torch.arccos(logits.clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi).pow(YOSO_TAU)
     else:
         raise ValueError(f"unknown local score {score!r}; choose from {', '.join(SCORES)}")
-    return torch.where(mask, w, 0.0), None
+    return (w if mask is None else torch.where(mask, w, 0.0)), None
 
 
 def global_scale(alpha: Tensor | float, m: Tensor | None) -> Tensor | float:
@@ -187,10 +188,10 @@ def grouped_step(
     """One decoding step (q [B, H, 1, Dk], k, v [B, Hkv, 1, D]) of :func:`grouped_attention`, in O(G)
     work and in place: returns the output and ``state`` with its tensors updated.
 
-    The key/value go into slot ``fill`` of the buffers; the query scores every slot up to its own
-    (later slots hold stale keys of an earlier group and are masked, so no shape depends on the
-    position) and reads the global state directly. When the group completes, S and z absorb the
-    buffer in place. Query heads are grouped by their key/value head: nothing is repeated.
+    The key/value go into slot ``fill`` of the buffers; the query scores the slots up to its own
+    (later slots hold stale keys of an earlier group) and reads the global state directly. When the
+    group completes, S and z absorb the buffer in place. Query heads are grouped by their key/value
+    head: nothing is repeated.
     """
     B, H, _, Dk = q.shape
     Hkv, Dv, n = k.shape[1], v.shape[-1], state.fill
@@ -198,10 +199,9 @@ def grouped_step(
     state.k_buf.index_copy_(2, slot, k.float())
     state.v_buf.index_copy_(2, slot, v.float())
     q32 = q.float()
-    valid = torch.arange(group_size, device=q.device) <= n  # [G]: this group's slots so far
-    logits = q32.view(B, Hkv, H // Hkv, Dk) @ state.k_buf.transpose(-1, -2)  # [B, Hkv, rep, G]
-    w, m = local_weights(logits, valid, score)
-    num = (w @ state.v_buf).view(B, H, 1, Dv)
+    keys, values = state.k_buf[:, :, : n + 1], state.v_buf[:, :, : n + 1]  # this group's so far
+    w, m = local_weights(q32.view(B, Hkv, H // Hkv, Dk) @ keys.transpose(-1, -2), None, score)  # [B, Hkv, rep, n+1]
+    num = (w @ values).view(B, H, 1, Dv)
     den = w.sum(-1).view(B, H, 1, 1)
     if phi is not None:
         qf = phi(q32)  # [B, H, 1, F]
