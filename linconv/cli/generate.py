@@ -26,16 +26,11 @@ def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
 
 def _load(checkpoint: str | None, dtype, device):
     """(model, tokenizer): a checkpoint folder, or a fresh conversion of the default model."""
-    import linconv
-    from linconv.models import ADAPTERS
-    from linconv.sources import load_source
+    from linconv.convert import load_or_convert
 
-    if checkpoint is None:
-        with console.status("loading and converting the default model (SmolLM2-135M-Instruct)…"):
-            base, tokenizer = load_source(None, ADAPTERS, dtype=dtype or parse_dtype("fp32"), device=device)
-            return linconv.convert(base), tokenizer
-    with console.status(f"loading {checkpoint}…"):
-        model, tokenizer = linconv.load(checkpoint, dtype=dtype, device=device)
+    what = f"loading {checkpoint}…" if checkpoint is not None else "loading and converting the default model (SmolLM2-135M-Instruct)…"
+    with console.status(what):
+        model, tokenizer, _ = load_or_convert(checkpoint, dtype=dtype, device=device)
     if tokenizer is None:
         raise LinconvError(f"{checkpoint} has no tokenizer files; save the tokenizer into the folder")
     return model, tokenizer

@@ -110,8 +110,10 @@ for _config_cls, _model_cls in CLASSES.values():
     AutoModelForCausalLM.register(_config_cls, _model_cls)
 
 
-def is_linconv(config: PretrainedConfig) -> bool:
-    return getattr(config, "model_type", "").startswith("linconv-")
+def is_linconv(config: PretrainedConfig | dict) -> bool:
+    """Whether ``config`` (a config object, or a config.json read as a dict) is a linconv checkpoint's."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return str(model_type or "").startswith("linconv-")
 
 
 def linconv_config_for(base: PretrainedConfig, cfg: LinearizeConfig) -> PretrainedConfig:

@@ -7,9 +7,7 @@ It returns a list of token paths that continue the context; the caller merges th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -110,16 +108,16 @@ def make_draft(
             raise LinconvError("--draft medusa needs a checkpoint fine-tuned with --medusa-heads")
         return MedusaDraft(load_medusa(checkpoint, model), tree_widths)
     if spec.startswith("model:"):
-        import linconv
+        from linconv.checkpoint import linconv_config, load
         from linconv.models import ADAPTERS
         from linconv.sources import load_source
 
         path = spec.removeprefix("model:")
         device, dtype = next(model.parameters()).device, model.dtype
-        config = Path(path) / "config.json"
-        linconv_folder = config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("linconv-")
         draft, draft_tokenizer = (
-            linconv.load(path, dtype=dtype, device=device) if linconv_folder else load_source(path, ADAPTERS, dtype=dtype, device=device)
+            load(path, dtype=dtype, device=device)
+            if linconv_config(path) is not None
+            else load_source(path, ADAPTERS, dtype=dtype, device=device)
         )
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
             raise LinconvError(f"the draft model {path} does not use the target's tokenizer")
