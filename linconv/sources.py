@@ -1,7 +1,7 @@
 """Find and load the model a user wants to convert.
 
-A source is one of: nothing or :data:`DEFAULT_SOURCE` (the bundled SmolLM2-135M GGUF), a ``.gguf`` file, a local
-Hugging Face folder, or a hub id such as ``org/name``. Every problem a user can cause
+A source is one of: nothing or :data:`DEFAULT_SOURCE` (the bundled SmolLM2-135M GGUF), a ``.gguf``
+file, a local Hugging Face folder, or a hub id such as ``org/name``. Every problem a user can cause
 (a wrong path, an unsupported or non-causal architecture, a corrupt file, no network)
 becomes a one-line :class:`LinconvError`; the config is checked before any weights are
 read so that mistakes fail in milliseconds rather than after a long load.

@@ -2,8 +2,9 @@
 
 A variant is a combination of the ops: an optional kernelized *global* part (feature map φ, with or
 without the denominator), an optional *local* quadratic score inside groups, and how q, k are prepared.
-The masked DWConv is an option on top of any variant (``conv_kernel``); ``augmented`` turns it on by
-default. ``linformer`` is kept to reproduce the paper's finding and is not causal.
+The masked DWConv is an option on top of any variant (``conv_kernel``); the two ``augmented`` variants
+turn it on by default, and ``augmented-softmax`` is the default variant. ``linformer`` is kept to
+reproduce the paper's finding and is not causal.
 """
 
 from __future__ import annotations

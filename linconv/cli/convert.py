@@ -37,15 +37,11 @@ def convert_command(
     unmasked_conv: Annotated[
         bool, typer.Option(help="Ablation: drop the conv's causal mask (2K−1 taps, K−1 of them future). Leaks; needs --allow-noncausal.")
     ] = False,
-    keep_softmax_layers: Annotated[
-        str | None, typer.Option(help="Comma-separated layers that keep softmax attention (hybrid model).")
-    ] = None,
+    keep_softmax_layers: Annotated[str | None, typer.Option(help="Comma-separated layers that keep softmax attention (hybrid).")] = None,
     softmax_every: Annotated[
         int | None, typer.Option(help="Also keep every N-th layer softmax (layers N−1, 2N−1, …; default: the recipe's, 0 = none).")
     ] = None,
-    allow_noncausal: Annotated[
-        bool, typer.Option(help="Allow a non-causal model (linformer, --unmasked-conv); it leaks future tokens.")
-    ] = False,
+    allow_noncausal: Annotated[bool, typer.Option(help="Allow a model that leaks future tokens (linformer, --unmasked-conv).")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the new parameters' initialisation (default: the recipe's, 0).")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: fp32).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
