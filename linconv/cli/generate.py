@@ -77,11 +77,15 @@ def generate_command(
         ),
     ),
     draft: str = typer.Option(
-        "lookup", help="With --spec-decode: lookup (n-grams of the context), medusa (heads from finetune --medusa-heads) or model:PATH."
+        "lookup",
+        help="With --spec-decode: lookup (n-grams of the context), medusa (finetune --medusa-heads), "
+        "eagle (finetune --draft-head eagle) or model:PATH.",
     ),
     draft_tokens: int = typer.Option(8, help="With --spec-decode: tokens a lookup or draft-model guess runs ahead."),
-    tree_widths: str = typer.Option(
-        "4,2,2", help="With --spec-decode: candidates per tree depth (medusa), or candidate paths (lookup: first number)."
+    tree_widths: str | None = typer.Option(
+        None,
+        help="With --spec-decode: candidates per tree depth (medusa, eagle; default: the tree measured with the draft), "
+        "or candidate paths (lookup: first number, default 4).",
     ),
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model)."),
@@ -127,7 +131,7 @@ def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_wi
     from linconv.speculative.drafts import make_draft
 
     try:
-        widths = [int(w) for w in tree_widths.split(",")]
+        widths = [int(w) for w in tree_widths.split(",")] if tree_widths else None
     except ValueError:
         raise LinconvError(f"--tree-widths takes comma-separated numbers, got {tree_widths!r}") from None
     drafter = make_draft(draft, model, tokenizer, checkpoint, draft_tokens=draft_tokens, tree_widths=widths)

@@ -76,8 +76,12 @@ def speculative_generate(
     sync_device(device)
     start = time.perf_counter()
     ids = torch.tensor([list(prompt)], device=device)
+    advance = getattr(draft, "advance", None)  # drafts that read the target's hidden states (EAGLE)
     for s in range(0, ids.shape[1], prefill_chunk):
-        hidden = model.base_model(input_ids=ids[:, s : s + prefill_chunk], cache=cache, use_cache=True).last_hidden_state[0, -1]
+        hidden = model.base_model(input_ids=ids[:, s : s + prefill_chunk], cache=cache, use_cache=True).last_hidden_state[0]
+        if advance is not None:
+            advance(prompt[s : s + prefill_chunk], hidden)
+    hidden = hidden[-1]
     logits: Tensor = model.get_output_embeddings()(hidden).float()
     sync_device(device)
     result = SpecResult([], time.perf_counter() - start, 0.0, 0)
@@ -94,6 +98,8 @@ def speculative_generate(
         path, next_root = accept_sampled(tree, tree_logits, sampler) if sampling else (accept_greedy(tree, tree_logits), None)
         commit(model, cache, past, path)
         new = [tree.tokens[n] for n in path]
+        if advance is not None:
+            advance(new, hiddens[path])
         past += len(path)
         context += new
         hidden, logits = hiddens[path[-1]], tree_logits[path[-1]]

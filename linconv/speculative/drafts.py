@@ -63,6 +63,11 @@ class MedusaDraft:
             paths = [[*p, t] for p in paths for t in top]
         return paths
 
+    @torch.inference_mode()
+    def path_logits(self, context: Sequence[int], hidden: Tensor, path: Sequence[int]) -> Tensor:
+        """The heads' logits [len(path), V] (they read only ``hidden``): the tree-shape measurement."""
+        return self.heads(hidden[None])[: len(path), 0].float()
+
 
 class DraftModel:
     """A smaller model with the same tokenizer decodes ``num_tokens`` greedily from its own cache;
@@ -94,19 +99,28 @@ class DraftModel:
 
 
 def make_draft(
-    spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)
+    spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] | None = None
 ):
     """The draft named by ``spec``: ``lookup``, ``medusa`` (heads saved in ``checkpoint`` by
-    ``linconv finetune --medusa-heads``) or ``model:PATH`` (a linconv folder or any causal LM with
-    the same tokenizer)."""
+    ``linconv finetune --medusa-heads``), ``eagle`` (a head saved by ``--draft-head eagle``) or
+    ``model:PATH`` (a linconv folder or any causal LM with the same tokenizer). ``tree_widths``
+    None: the tree measured and stored with medusa/eagle drafts, else their default."""
     if spec == "lookup":
-        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0] if tree_widths else 1)
+        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0] if tree_widths else 4)
     if spec == "medusa":
-        from linconv.speculative.medusa import load_medusa
+        from linconv.speculative.files import stored_widths
+        from linconv.speculative.medusa import MEDUSA_CONFIG, load_medusa
 
         if checkpoint is None:
             raise LinconvError("--draft medusa needs a checkpoint fine-tuned with --medusa-heads")
-        return MedusaDraft(load_medusa(checkpoint, model), tree_widths)
+        heads = load_medusa(checkpoint, model)
+        return MedusaDraft(heads, tree_widths or stored_widths(checkpoint, MEDUSA_CONFIG) or (4, 2, 2)[: heads.num_heads])
+    if spec == "eagle":
+        from linconv.speculative.eagle import eagle_draft
+
+        if checkpoint is None:
+            raise LinconvError("--draft eagle needs a checkpoint with an EAGLE head (linconv finetune --draft-head eagle)")
+        return eagle_draft(checkpoint, model, tree_widths)
     if spec.startswith("model:"):
         from linconv.checkpoint import linconv_config, load
         from linconv.models import ADAPTERS
@@ -122,4 +136,4 @@ def make_draft(
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
             raise LinconvError(f"the draft model {path} does not use the target's tokenizer")
         return DraftModel(draft, num_tokens=draft_tokens)
-    raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa or model:PATH")
+    raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa, eagle or model:PATH")
