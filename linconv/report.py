@@ -217,20 +217,24 @@ def decode_chart(result, width: int = 40) -> str | None:
 
 
 def spec_table(result) -> Table | None:
-    """Speculative decoding (prompt lookup) vs plain greedy decoding, per model and prompt kind."""
+    """Speculative decoding vs plain greedy decoding, per model, prompt kind and draft."""
     if not result.spec:
         return None
-    table = Table(title=f"Speculative decoding (prompt lookup, greedy, {result.spec[0].new_tokens} new tokens)")
-    for col in ("model", "prompt", "plain tok/s", "spec tok/s", "×", "accept", "tok/step", "draft tokens accepted: steps", "same"):
-        table.add_column(col, justify="left" if col in ("model", "prompt", "draft tokens accepted: steps") else "right")
+    table = Table(title=f"Speculative decoding (greedy, {result.spec[0].new_tokens} new tokens)")
+    left = ("model", "prompt", "draft", "accept by depth", "draft tokens accepted: steps")
+    columns = ("model", "prompt", "draft", "plain tok/s", "spec tok/s", "×", "accept", "accept by depth", "tok/step")
+    for col in (*columns, "draft tokens accepted: steps", "same"):
+        table.add_column(col, justify="left" if col in left else "right")
     for p in result.spec:
         table.add_row(
             p.model,
             p.prompt,
+            p.draft,
             f"{p.plain_tokens_per_s:.1f}",
             f"{p.spec_tokens_per_s:.1f}",
             f"{p.speedup:.2f}×",
             f"{p.acceptance_rate:.0%}",
+            " ".join(f"{a:.0%}" for a in p.acceptance_by_depth),
             f"{p.mean_tokens_per_step:.2f}",
             str(p.histogram),
             "yes" if p.identical else "[red]NO[/]",

@@ -5,6 +5,7 @@ and one-line errors, partial results saved when a later task fails."""
 import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -215,6 +216,7 @@ EXPECTED_KEYS = {
         "ppl_window",
         "prefill_chunk",
         "repeats",
+        "spec_drafts",
         "spec_tokens",
         "tasks",
         "text",
@@ -410,3 +412,25 @@ def test_spec_decode_section(folders, tmp_path):
     assert all(p["identical"] and p["new_tokens"] == 6 for p in spec)
     bad = runner.invoke(app, ["bench", str(folders["ckpt"]), *FAST, "--tasks", "leakage", "--spec-decode", "--spec-tokens", "0"])
     assert bad.exit_code == 1 and "--spec-tokens must be > 0" in bad.output
+
+
+def test_spec_decode_compares_every_draft_saved_with_the_checkpoint(folders, tmp_path):
+    from linconv.speculative.eagle import EagleHead, save_eagle
+    from linconv.speculative.medusa import MedusaHeads, save_medusa
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(folders["ckpt"], ckpt)
+    model = linconv.load(ckpt)[0]
+    save_medusa(MedusaHeads.for_model(model, 2), ckpt)
+    save_eagle(EagleHead.for_model(model), ckpt)
+    out = tmp_path / "s.json"
+    args = ["bench", str(ckpt), "--text", str(folders["text"]), *FAST, "--tasks", "leakage", "--spec-decode", "--spec-tokens", "5"]
+    res = runner.invoke(app, [*args, "--spec-drafts", f"auto,model:{folders['ckpt']}", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    spec = json.loads(out.read_text())["spec"]
+    drafts = {m: {p["draft"] for p in spec if p["model"] == m} for m in ("original", "linearized")}
+    other = f"model:{folders['ckpt']}"  # a linconv draft model
+    assert drafts == {"original": {"lookup", other}, "linearized": {"lookup", "medusa", "eagle", other}}
+    assert all(p["identical"] for p in spec) and all(len(p["acceptance_by_depth"]) >= 1 for p in spec if p["draft"] == "eagle")
+    res = runner.invoke(app, ["bench", str(folders["ckpt"]), *args[2:], "--spec-drafts", "eagle"])
+    assert res.exit_code == 1 and "no EAGLE head" in res.output

@@ -143,3 +143,56 @@ def test_eagle_head_is_one_linear_block_of_the_targets_family():
         EagleDraft(head, [2, 0])
     with pytest.raises(LinconvError, match="advance"):
         EagleDraft(head).propose([1, 2], torch.zeros(32))
+
+
+def _draft(kind, model):
+    from linconv.speculative.drafts import DraftModel, PromptLookup
+
+    torch.manual_seed(0)  # the same draft every time: the sampled tokens depend on its guesses
+    return {
+        "lookup": lambda: PromptLookup(num_tokens=4, max_candidates=3),
+        "medusa": lambda: MedusaDraft(jittered(MedusaHeads.for_model(model, 2)), [3, 2]),
+        "eagle": lambda: EagleDraft(jittered(EagleHead.for_model(model)), [3, 2, 2]),
+        "model": lambda: DraftModel(converted("llama", "relu"), 3),
+    }[kind]()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["lookup", "medusa", "eagle", "model"])
+def test_speculative_sampling_keeps_the_target_distribution_with_every_draft(kind):
+    """On each draft's own tree (target logits boosted on the guesses so that they carry mass), the
+    token after the root follows the target's p, and so does the token after the likeliest child."""
+    from linconv.attention.state import new_cache
+    from linconv.generate import Sampler
+    from linconv.speculative.tree import CandidateTree
+    from linconv.speculative.verify import accept_sampled, verify
+
+    model = converted("llama", group_size=4, conv_kernel=5)
+    draft = _draft(kind, model)
+    cache = new_cache(model)
+    features = model.base_model(input_ids=torch.tensor([PROMPT]), cache=cache, use_cache=True).last_hidden_state[0]
+    if hasattr(draft, "advance"):
+        draft.advance(PROMPT, features)
+    tree = CandidateTree.from_paths(PROMPT[0], draft.propose([*PROMPT, PROMPT[0]], features[-1]))
+    logits = verify(model, cache, tree, len(PROMPT))[1]
+    for node, parent in enumerate(tree.parents):
+        if parent >= 0:
+            logits[parent, tree.tokens[node]] += 4.0
+    sampler = Sampler(temperature=1.0, seed=0)
+    child = max(tree.children(0).values(), key=lambda c: float(logits[0, tree.tokens[c]]))
+    first, second = [], []
+    for _ in range(6000):
+        path, nxt = accept_sampled(tree, logits, sampler)
+        first.append(tree.tokens[path[1]] if len(path) > 1 else nxt)
+        if len(path) > 1 and path[1] == child:
+            second.append(tree.tokens[path[2]] if len(path) > 2 else nxt)
+    p = logits.softmax(-1)
+    assert p[0, list(tree.children(0))].sum() > 0.2 and max(tree.depths) >= 3  # the guesses matter
+    for node, emitted in ((0, first), (child, second)):  # frequencies of the guessed tokens vs p
+        guessed = list(tree.children(node))
+        freq = torch.tensor([emitted.count(t) / len(emitted) for t in guessed])
+        torch.testing.assert_close(freq, p[node, guessed], atol=4 / len(emitted) ** 0.5, rtol=0)
+    runs = [
+        speculative_generate(model, PROMPT, _draft(kind, model), max_new_tokens=10, sampler=Sampler(0.8, seed=3)).tokens for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and len(runs[0]) == 10

@@ -31,13 +31,12 @@ from torch import nn
 from linconv.bench.leakage import LeakageResult, leakage_check
 from linconv.bench.maxlen import GIB, MODES, CudaTrial, MaxLenResult, ProcessTrial, cuda_budget, max_length
 from linconv.bench.perplexity import PerplexityResult, perplexity
-from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
+from linconv.bench.speculative import SpecPoint, draft_factories, spec_decode_points, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
 from linconv.config import parse_dtype
 from linconv.data import same_tokenizer
 from linconv.errors import LinconvError, first_line
 from linconv.sources import DEFAULT_SOURCE, load_source
-from linconv.speculative.drafts import PromptLookup
 from linconv.version import __version__
 
 SCHEMA_VERSION = 1
@@ -104,6 +103,7 @@ class BenchSettings:
     prefill_chunk: int | None = None  # prompt tokens per forward in speed and max-length prefill
     ppl_window: int = 1024
     spec_tokens: int = 64  # tokens generated per speculative-decoding measurement
+    spec_drafts: tuple[str, ...] = ("auto",)  # drafts compared (auto: lookup + the checkpoint's Medusa/EAGLE heads)
     ppl_tokens: int | None = None  # 0: the whole text
     threads: int | None = None
 
@@ -302,7 +302,7 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
         "leakage": lambda: _leakage(result, model, progress),
         "ppl": lambda: _perplexity(result, both(), tokens, s, progress),
         "speed": lambda: _speed(result, both(), s, progress),
-        "spec": lambda: _spec(result, both(), tokens, s, progress),
+        "spec": lambda: _spec(result, both(), tokens, s, progress, tok),
         "maxlen": lambda: _maxlen(result, both(), s, device, progress, say, {"linearized": s.checkpoint, "original": base_name}),
     }
     for task in ORDER:
@@ -357,13 +357,16 @@ def _speed(result: BenchResult, models, s: BenchSettings, progress: Progress) ->
         )
 
 
-def _spec(result: BenchResult, models, tokens, s: BenchSettings, progress: Progress) -> None:
+def _spec(result: BenchResult, models, tokens, s: BenchSettings, progress: Progress, tokenizer) -> None:
     prompts = spec_prompts(tokens.tolist())
     for role, m in models:
         label = f"speculative · {role}"
+        # Medusa / EAGLE heads belong to the checkpoint they were trained for: the linearized model
+        specs = [d for d in s.spec_drafts if role == "linearized" or d not in ("medusa", "eagle")]
+        drafts = draft_factories(m, tokenizer, s.checkpoint if role == "linearized" else None, specs)
         for i, (kind, prompt) in enumerate(prompts.items()):
-            progress(label, i, len(prompts), kind)
-            result.spec.append(spec_decode_point(m, role, kind, prompt, PromptLookup(num_tokens=8, max_candidates=4), s.spec_tokens))
+            progress(label, i, len(prompts), f"{kind}: {', '.join(drafts)}")
+            result.spec += spec_decode_points(m, role, kind, prompt, drafts, s.spec_tokens)
         progress(label, len(prompts), len(prompts), "done")
 
 

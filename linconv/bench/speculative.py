@@ -2,19 +2,25 @@
 
 Two prompt kinds: *grounded* (the model is asked to continue a passage it has just seen, so the
 continuation is in its context: prompt lookup can guess it) and *open* (a plain continuation of
-held-out text, where guessing rarely works). Plain decoding is linconv's engine (greedy); the
-speculative run uses the same model through tree verification.
+held-out text, where guessing rarely works). Plain decoding is linconv's engine (greedy), measured
+once per model and prompt; every draft (lookup, Medusa heads, the EAGLE head, a draft model) then
+runs through tree verification with the same model and prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from torch import nn
 
 from linconv.errors import LinconvError
 from linconv.generate import generate
 from linconv.speculative.decode import speculative_generate
+from linconv.speculative.drafts import make_draft
+from linconv.speculative.eagle import has_eagle
+from linconv.speculative.medusa import has_medusa
 
 
 @dataclass
@@ -29,6 +35,8 @@ class SpecPoint:
     mean_tokens_per_step: float
     histogram: dict[int, int]  # steps by draft tokens accepted
     identical: bool  # speculative greedy output == plain greedy output
+    draft: str = "lookup"
+    acceptance_by_depth: list[float] = field(default_factory=list)  # depth d accepted / steps that reached d − 1 and offered d
 
     @property
     def speedup(self) -> float:
@@ -48,20 +56,67 @@ def spec_prompts(tokens: list[int], length: int = 384) -> dict[str, list[int]]:
     return {"grounded": passage + passage[: length // 2], "open": tokens[length : 2 * length]}
 
 
-def spec_decode_point(model: nn.Module, name: str, kind: str, prompt: list[int], draft, new_tokens: int) -> SpecPoint:
-    """One model on one prompt: plain greedy vs speculative greedy (after a short warm-up of each)."""
+def draft_factories(model: nn.Module, tokenizer, checkpoint: str | None, specs: Sequence[str] = ("auto",)) -> dict[str, Callable]:
+    """Name -> a function making a fresh draft, for every draft of ``specs`` (names for
+    :func:`~linconv.speculative.drafts.make_draft`; ``auto``: lookup, plus the Medusa heads and the
+    EAGLE head saved in ``checkpoint`` when there are any)."""
+    names: list[str] = []
+    for spec in specs:
+        if spec == "auto":
+            names += [
+                "lookup",
+                *(["medusa"] if checkpoint and has_medusa(checkpoint) else []),
+                *(["eagle"] if has_eagle(checkpoint) else []),
+            ]
+        elif spec not in names:
+            names.append(spec)
+    factories = {name: partial(make_draft, name, model, tokenizer, checkpoint) for name in dict.fromkeys(names)}
+    for make in factories.values():
+        make()  # a draft that cannot be made fails before anything is measured
+    return factories
+
+
+def acceptance_by_depth(accepted: Sequence[int], offered: Sequence[int]) -> list[float]:
+    """Per draft depth d: steps that accepted d tokens among the steps that accepted d − 1 and offered d."""
+    rates = []
+    for d in range(1, max(offered, default=0) + 1):
+        reached = sum(1 for a, o in zip(accepted, offered) if a >= d - 1 and o >= d)
+        rates.append(sum(1 for a in accepted if a >= d) / reached if reached else 0.0)
+    return rates
+
+
+def spec_decode_points(
+    model: nn.Module, name: str, kind: str, prompt: list[int], drafts: dict[str, Callable], new_tokens: int
+) -> list[SpecPoint]:
+    """One model on one prompt: plain greedy once, then speculative greedy with each draft (a fresh
+    one from its factory), each after a short warm-up."""
     generate(model, prompt, max_new_tokens=2, stop_token_ids=(), ignore_context_limit=True)
     plain = generate(model, prompt, max_new_tokens=new_tokens, stop_token_ids=(), ignore_context_limit=True)
-    spec = speculative_generate(model, prompt, draft, max_new_tokens=new_tokens)
-    return SpecPoint(
-        model=name,
-        prompt=kind,
-        prompt_tokens=len(prompt),
-        new_tokens=new_tokens,
-        plain_tokens_per_s=plain.decode_tokens_per_s,
-        spec_tokens_per_s=spec.tokens_per_s,
-        acceptance_rate=spec.acceptance_rate,
-        mean_tokens_per_step=spec.mean_tokens_per_step,
-        histogram=spec.histogram,
-        identical=spec.tokens == plain.tokens[0],
-    )
+    points = []
+    for draft_name, make in drafts.items():
+        speculative_generate(model, prompt, make(), max_new_tokens=2)
+        spec = speculative_generate(model, prompt, make(), max_new_tokens=new_tokens)
+        points.append(
+            SpecPoint(
+                model=name,
+                prompt=kind,
+                prompt_tokens=len(prompt),
+                new_tokens=new_tokens,
+                plain_tokens_per_s=plain.decode_tokens_per_s,
+                spec_tokens_per_s=spec.tokens_per_s,
+                acceptance_rate=spec.acceptance_rate,
+                mean_tokens_per_step=spec.mean_tokens_per_step,
+                histogram=spec.histogram,
+                identical=spec.tokens == plain.tokens[0],
+                draft=draft_name,
+                acceptance_by_depth=acceptance_by_depth(spec.accepted, spec.offered),
+            )
+        )
+    return points
+
+
+def spec_decode_point(
+    model: nn.Module, name: str, kind: str, prompt: list[int], draft, new_tokens: int, draft_name: str = "lookup"
+) -> SpecPoint:
+    """One model on one prompt with one draft instance: plain greedy vs speculative greedy."""
+    return spec_decode_points(model, name, kind, prompt, {draft_name: lambda: draft}, new_tokens)[0]

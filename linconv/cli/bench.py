@@ -58,9 +58,13 @@ def bench_command(
     spec_decode: bool = typer.Option(
         False,
         "--spec-decode",
-        help="Also measure greedy speculative decoding (prompt lookup) vs plain decoding, on grounded and open prompts.",
+        help="Also measure greedy speculative decoding (every draft) vs plain decoding, on grounded and open prompts.",
     ),
     spec_tokens: int = typer.Option(64, help="Tokens generated per speculative-decoding measurement."),
+    spec_drafts: str = typer.Option(
+        "auto",
+        help="Drafts compared by --spec-decode: auto (lookup + the checkpoint's medusa/eagle heads), lookup, medusa, eagle, model:PATH.",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure and the settings here (also after a failed task)."),
     plot: Path | None = typer.Option(None, help="Write a PNG of tokens/s and memory against context length."),
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -94,6 +98,7 @@ def bench_command(
         ppl_tokens=ppl_tokens,
         threads=threads,
         spec_tokens=spec_tokens,
+        spec_drafts=tuple(d.strip() for d in spec_drafts.split(",") if d.strip()),
     )
     settings.resolve()  # bad options fail before any model is loaded
 

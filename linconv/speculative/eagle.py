@@ -219,7 +219,7 @@ class EagleDraft:
     def path_logits(self, context: Sequence[int], hidden: Tensor | None, path: Sequence[int]) -> Tensor:
         """The head's logits [len(path), V] at each depth along ``path`` (the tree-shape measurement)."""
         guess = self._fold(context[-1])
-        return torch.stack(self._expand(guess, len(path), lambda d, logits: [[path[d]]])[2])
+        return torch.cat(self._expand(guess, len(path), lambda d, logits: [[path[d]]])[2])
 
     def _fold(self, root: int) -> Tensor:
         """Fold the queued pairs (f_i, x_{i+1}), the last one with the root, into the state; returns
