@@ -196,3 +196,27 @@ def test_speculative_sampling_keeps_the_target_distribution_with_every_draft(kin
         speculative_generate(model, PROMPT, _draft(kind, model), max_new_tokens=10, sampler=Sampler(0.8, seed=3)).tokens for _ in range(2)
     ]
     assert runs[0] == runs[1] and len(runs[0]) == 10
+
+
+def test_draft_vocabulary_limits_the_guesses_and_is_saved(tmp_path):
+    from linconv.speculative.eagle_train import frequent_tokens
+
+    assert frequent_tokens(torch.tensor([[7, 7, 3, 9], [9, 7, 1, 1]]), 12, 3).tolist() == [1, 7, 9]
+    assert frequent_tokens(torch.tensor([5, 5]), 12, 3).tolist() == [0, 1, 5]  # unseen: lowest ids first
+    assert frequent_tokens(torch.tensor([5]), 12, 12) is None and frequent_tokens(torch.tensor([5]), 12, 0) is None
+    model = converted("llama", group_size=4, conv_kernel=5)
+    vocab = torch.arange(0, 96, 3)
+    head = jittered(EagleHead.for_model(model)).set_vocab(vocab)
+    guess = torch.randn(2, 32)
+    logits = head.logits(guess)
+    torch.testing.assert_close(logits[:, vocab], model.get_output_embeddings()(guess)[:, vocab])
+    assert torch.isinf(logits[:, 1]).all()
+    draft = EagleDraft(head, [4, 2])
+    features = model.base_model(input_ids=torch.tensor([PROMPT])).last_hidden_state[0]
+    draft.advance(PROMPT, features)
+    assert {t for path in draft.propose([*PROMPT, 3], features[-1]) for t in path} <= set(vocab.tolist())
+    assert speculative_generate(model, PROMPT, EagleDraft(head, [4, 2]), max_new_tokens=12).tokens == plain(model, 12)
+    save_eagle(head, tmp_path)
+    assert torch.equal(load_eagle(tmp_path, model).vocab, vocab)
+    save_eagle(head.set_vocab(None), tmp_path)
+    assert load_eagle(tmp_path, model).vocab is None

@@ -37,6 +37,7 @@ class EagleTrainConfig:
     prompt_tokens: int = 64
     new_tokens: int = 192  # the target's greedy continuation of each prompt
     candidates: int = 32  # K: the target's top-K tokens kept per position for the cross-entropy
+    draft_vocab: int = 8192  # tokens the head may propose: the most frequent in the distilled data (0: all)
     steps: int = 300
     batch_size: int = 4  # sequences per step
     lr: float = 1e-3
@@ -49,6 +50,8 @@ class EagleTrainConfig:
         for name in ("prompts", "prompt_tokens", "new_tokens", "candidates", "steps", "batch_size", "generate_batch"):
             if getattr(self, name) <= 0:
                 raise LinconvError(f"EAGLE training: {name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.draft_vocab < 0:
+            raise LinconvError(f"EAGLE training: draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if not self.lr > 0 or self.ce_weight < 0 or self.noise < 0:
             raise LinconvError("EAGLE training: lr must be > 0, ce-weight and noise >= 0")
         return self
@@ -109,6 +112,15 @@ def distill(model: nn.Module, prompts: Tensor, cfg: EagleTrainConfig, progress: 
     return Distilled(*(torch.cat(p) for p in zip(*parts)))
 
 
+def frequent_tokens(ids: Tensor, vocab_size: int, size: int) -> Tensor | None:
+    """The ``size`` most frequent token ids of ``ids`` (ties and unseen tokens: lowest id first, which
+    for BPE vocabularies is roughly merge order, i.e. frequency); None when that is every token."""
+    if not size or size >= vocab_size:
+        return None
+    counts = torch.bincount(ids.flatten().cpu(), minlength=vocab_size)
+    return torch.sort(-counts, stable=True).indices[:size].sort().values
+
+
 def eagle_loss(head: EagleHead, data: Distilled, ce_weight: float = 0.1, noise: float = 0.0) -> tuple[Tensor, Tensor]:
     """(loss, top-1 accuracy) of the head on a batch: from (f_t, x_{t+1}) guess f_{t+1}, smooth-L1 to
     the target's plus ``ce_weight`` × cross-entropy against the target's top-K distribution at t+1."""
@@ -149,6 +161,8 @@ def train_eagle(
         data = distill(model, spread_windows(tokenizer, cfg.text, "train", cfg.prompts, cfg.prompt_tokens), cfg, progress)
     result = EagleTrainResult(head or EagleHead.for_model(model), distill_s=time.perf_counter() - start, tokens=data.ids.numel())
     head = result.head.train()
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    head.set_vocab(frequent_tokens(torch.cat([data.ids.flatten(), data.candidates[..., 0].flatten()]), vocab_size, cfg.draft_vocab))
     params = list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps, eta_min=0.1 * cfg.lr)
