@@ -150,13 +150,26 @@ class EagleHead(nn.Module):
         vocabulary, only its rows are computed and every other token gets −inf."""
         if self.vocab is None:
             return self.output_head(guess).float()
-        if not self._rows:
-            head = self.output_head
-            bias = getattr(head, "bias", None)
-            self._rows = [head.weight[self.vocab].detach(), *([] if bias is None else [bias[self.vocab].detach()])]
         out = torch.full((*guess.shape[:-1], self.output_head.weight.shape[0]), float("-inf"), device=guess.device)
-        out[..., self.vocab] = F.linear(guess, *self._rows).float()
+        out[..., self.vocab] = self.vocab_logits(guess)
         return out
+
+    def vocab_logits(self, guess: Tensor) -> Tensor:
+        """Logits [..., V_draft] (fp32) of the draft vocabulary's tokens only, in ``vocab`` order."""
+        if self.vocab is None:
+            return self.output_head(guess).float()
+        if not self._rows:  # a copy of the head's rows, made once (the target is frozen)
+            bias = getattr(self.output_head, "bias", None)
+            self._rows = [self.output_head.weight[self.vocab].detach(), *([] if bias is None else [bias[self.vocab].detach()])]
+        return F.linear(guess, *self._rows).float()
+
+    def vocab_index(self, tokens: Tensor) -> Tensor:
+        """Each token's index in the draft vocabulary, −1 for tokens outside it."""
+        if self.vocab is None:
+            return tokens
+        index = torch.full((self.output_head.weight.shape[0],), -1, dtype=torch.long, device=tokens.device)
+        index[self.vocab] = torch.arange(self.vocab.numel(), device=tokens.device)
+        return index[tokens]
 
     def config(self) -> dict:
         return {
