@@ -114,3 +114,13 @@ def test_shape_tree_measures_an_eagle_draft_and_the_tree_is_stored_with_it(tmp_p
     assert stored_widths(tmp_path, "eagle.json") is None and stored_widths(None, "eagle.json") is None
     store_tree(tmp_path, "eagle.json", shape.to_dict())
     assert stored_widths(tmp_path, "eagle.json") == shape.widths
+
+
+def test_medusa_heads_are_shaped_the_same_way():
+    from linconv.speculative.drafts import MedusaDraft
+    from linconv.speculative.medusa import MedusaHeads
+
+    model = converted("llama", group_size=4)
+    draft = MedusaDraft(MedusaHeads.for_model(model, 3), [1, 1, 1])
+    shape = shape_tree(model, draft, torch.tensor([[5, 6, 7, 8]]), new_tokens=12, depth=3)
+    assert 1 <= len(shape.widths) <= 3 and shape.positions == 12 - 3 and draft.widths == [1, 1, 1]
