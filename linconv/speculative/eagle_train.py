@@ -145,30 +145,32 @@ def eagle_loss(head: EagleHead, data: Distilled, ce_weight: float = 0.1, noise: 
     return regression + ce_weight * ce, accuracy.detach()
 
 
+def eagle_setup(
+    model: nn.Module, tokenizer, cfg: EagleTrainConfig, *, head: EagleHead | None = None, progress: Progress = SILENT
+) -> tuple[EagleHead, Distilled]:
+    """What training needs: a head for ``model`` (new, or ``head`` continued) with its draft vocabulary
+    set, and the distilled data (the target's greedy continuations of ``cfg.text``'s windows)."""
+    model.eval()
+    data = distill(model, spread_windows(tokenizer, cfg.text, "train", cfg.prompts, cfg.prompt_tokens), cfg, progress)
+    head = head or EagleHead.for_model(model)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    head.set_vocab(frequent_tokens(torch.cat([data.ids.flatten(), data.candidates[..., 0].flatten()]), vocab_size, cfg.draft_vocab))
+    return head, data
+
+
 def train_eagle(
-    model: nn.Module,
-    tokenizer,
-    cfg: EagleTrainConfig | None = None,
-    *,
-    head: EagleHead | None = None,
-    data: Distilled | None = None,
-    progress: Progress = SILENT,
+    model: nn.Module, tokenizer, cfg: EagleTrainConfig | None = None, *, head: EagleHead | None = None, progress: Progress = SILENT
 ) -> EagleTrainResult:
     """Train an EAGLE head for ``model`` (frozen) on its own greedy continuations of ``cfg.text``'s windows.
 
-    ``head`` continues an existing head; ``data`` reuses distilled sequences. Returns the head (in
-    eval mode, attached to ``model``) and the training figures; saving is the caller's
-    (:func:`linconv.speculative.eagle.save_eagle`)."""
+    ``head`` continues an existing head. Returns the head (in eval mode, attached to ``model``) and
+    the training figures; saving is the caller's (:func:`linconv.speculative.eagle.save_eagle`)."""
     cfg = (cfg or EagleTrainConfig()).validate()
     torch.manual_seed(cfg.seed)
-    model.eval()
     start = time.perf_counter()
-    if data is None:
-        data = distill(model, spread_windows(tokenizer, cfg.text, "train", cfg.prompts, cfg.prompt_tokens), cfg, progress)
-    result = EagleTrainResult(head or EagleHead.for_model(model), distill_s=time.perf_counter() - start, tokens=data.ids.numel())
-    head = result.head.train()
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    head.set_vocab(frequent_tokens(torch.cat([data.ids.flatten(), data.candidates[..., 0].flatten()]), vocab_size, cfg.draft_vocab))
+    head, data = eagle_setup(model, tokenizer, cfg, head=head, progress=progress)
+    result = EagleTrainResult(head, distill_s=time.perf_counter() - start, tokens=data.ids.numel())
+    head.train()
     params = list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps, eta_min=0.1 * cfg.lr)

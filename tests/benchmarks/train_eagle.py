@@ -8,8 +8,8 @@
    windows (Britannica, which bench does not use for prompts) to ``--depth`` levels; with the verify
    and draft costs timed on this device, the static tree with the most tokens/s
    (``linconv.speculative.shape``).
-3. Saves ``eagle.safetensors`` + ``eagle.json`` (with the tree) into the checkpoint folder, unless
-   ``--no-save``. Then ``linconv generate CKPT --spec-decode --draft eagle`` and
+3. Saves ``eagle.safetensors`` + ``eagle.json`` into the checkpoint folder right after training, and
+   the tree into ``eagle.json`` after shaping, unless ``--no-save``. Then ``linconv generate CKPT --spec-decode --draft eagle`` and
    ``linconv bench CKPT --spec-decode`` use it.
 
 Prints progress on stderr, a card, then one JSON object as the last line. Run:
@@ -29,8 +29,9 @@ import torch
 
 from linconv.checkpoint import load
 from linconv.cli.progress import RichProgress
-from linconv.speculative.eagle import EagleDraft, save_eagle
+from linconv.speculative.eagle import EAGLE_CONFIG, EagleDraft, save_eagle
 from linconv.speculative.eagle_train import EagleTrainConfig, train_eagle
+from linconv.speculative.files import store_tree
 from linconv.speculative.shape import shape_tree, spread_windows
 
 
@@ -54,13 +55,15 @@ def main() -> None:
     cfg = EagleTrainConfig(**{k: getattr(args, k) for k in asdict(defaults) if hasattr(args, k)})
     with RichProgress() as progress:
         result = train_eagle(model, tokenizer, cfg, progress=progress)
+        if not args.no_save:  # saved before the (slow) shaping, so that an interrupted run keeps the head
+            save_eagle(result.head, args.checkpoint, extra={"training": asdict(cfg)})
         start = time.perf_counter()
         prompts = spread_windows(tokenizer, None, "britannica", args.shape_prompts, 64)
         shape = shape_tree(model, EagleDraft(result.head), prompts, new_tokens=args.shape_tokens, depth=args.depth)
         shape_s = time.perf_counter() - start
     size = sum(t.numel() * t.element_size() for t in result.head.state_dict().values())
     if not args.no_save:
-        save_eagle(result.head, args.checkpoint, extra={"tree": shape.to_dict(), "training": asdict(cfg)})
+        store_tree(args.checkpoint, EAGLE_CONFIG, shape.to_dict())
     card = {
         "checkpoint": args.checkpoint,
         "params": result.params,
