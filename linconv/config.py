@@ -89,7 +89,7 @@ class LinearizeConfig:
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.conv_kernel is not None and self.conv_kernel < 0:
             raise LinconvError(f"--conv-kernel must be >= 0 (0 disables the convolution), got {self.conv_kernel}")
-        leak = next((s.leak for s in specs if not s.causal), None)
+        leak = next((s.leak for s in specs if s.leak), None)
         if leak and not self.allow_noncausal:
             raise LinconvError(
                 f"{leak} is not causal (it leaks future tokens and cannot decode); pass --allow-noncausal to build it anyway"
