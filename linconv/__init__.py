@@ -4,11 +4,10 @@ Importing linconv registers its model types with transformers' Auto classes, so 
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads converted checkpoints.
 """
 
-__version__ = "0.1.0"
-
 from linconv.checkpoint import load
 from linconv.config import LinearizeConfig
 from linconv.convert import convert
 from linconv.models import hf as _hf  # noqa: F401  (registers the linconv-* model types)
+from linconv.version import __version__
 
-__all__ = ["LinearizeConfig", "convert", "load"]
+__all__ = ["LinearizeConfig", "__version__", "convert", "load"]
