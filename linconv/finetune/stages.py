@@ -43,6 +43,8 @@ class Stage:
     """One stage of a run, made for one model; a subclass fills in the class attributes and methods."""
 
     name: ClassVar[str]  # as in the resume state, the results and the progress bars
+    steps_option: ClassVar[str]  # the FinetuneConfig field of its step count ...
+    lr_option: ClassVar[str]  # ... and of its learning rate
     number: ClassVar[int]  # its own number in the seeds of its data order: fixed, so that results never depend on STAGES' order
     idle: ClassVar[str]  # what leaves it out of a run, for the "nothing to do" error
     evaluates: ClassVar[bool] = True  # held-out perplexity after it (False: it does not change the model)
@@ -52,14 +54,14 @@ class Stage:
         self.model, self.cfg, self.new_params, self.output = model, cfg, new_params, output
         self.trainable: Trainable = []
 
-    @staticmethod
-    def steps(cfg: FinetuneConfig) -> int:
+    @classmethod
+    def steps(cls, cfg: FinetuneConfig) -> int:
         """Its optimizer steps in a run with ``cfg`` (0: not run)."""
-        raise NotImplementedError
+        return getattr(cfg, cls.steps_option)
 
-    @staticmethod
-    def lr(cfg: FinetuneConfig) -> float:
-        raise NotImplementedError
+    @classmethod
+    def lr(cls, cfg: FinetuneConfig) -> float:
+        return getattr(cfg, cls.lr_option)
 
     @classmethod
     def check(cls, cfg: FinetuneConfig, model_type: str) -> None:
@@ -108,14 +110,7 @@ class Stage:
 
 class Transfer(Stage):
     name, number, idle = "transfer", 0, "--transfer-steps is 0"
-
-    @staticmethod
-    def steps(cfg: FinetuneConfig) -> int:
-        return cfg.transfer_steps
-
-    @staticmethod
-    def lr(cfg: FinetuneConfig) -> float:
-        return cfg.transfer_lr
+    steps_option, lr_option = "transfer_steps", "transfer_lr"
 
     def prepare(self) -> Trainable:
         self.attns = [m for m in self.model.modules() if isinstance(m, LinconvAttention)]
@@ -137,15 +132,8 @@ class Transfer(Stage):
 
 class LoRA(Stage):
     name, number, idle = "lora", 1, "--lora-steps is 0"
+    steps_option, lr_option = "lora_steps", "lr"
     card_keys = ("adapter",)
-
-    @staticmethod
-    def steps(cfg: FinetuneConfig) -> int:
-        return cfg.lora_steps
-
-    @staticmethod
-    def lr(cfg: FinetuneConfig) -> float:
-        return cfg.lr
 
     @classmethod
     def check(cls, cfg: FinetuneConfig, model_type: str) -> None:
@@ -211,16 +199,13 @@ class LoRA(Stage):
 
 class Medusa(Stage):
     name, number, idle = "medusa", 2, "there are no --medusa-heads"
+    steps_option, lr_option = "medusa_steps", "medusa_lr"
     evaluates = False  # the heads do not change the model's own predictions
     card_keys = ("medusa_heads",)
 
-    @staticmethod
-    def steps(cfg: FinetuneConfig) -> int:
-        return cfg.medusa_steps if cfg.medusa_heads else 0
-
-    @staticmethod
-    def lr(cfg: FinetuneConfig) -> float:
-        return cfg.medusa_lr
+    @classmethod
+    def steps(cls, cfg: FinetuneConfig) -> int:
+        return super().steps(cfg) if cfg.medusa_heads else 0
 
     def prepare(self) -> Trainable:
         self.heads = MedusaHeads.for_model(self.model, self.cfg.medusa_heads)
