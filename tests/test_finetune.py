@@ -22,7 +22,7 @@ from linconv.bench.perplexity import perplexity
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
-from linconv.finetune import FinetuneConfig, finetune, lora_target_modules, resume_folder
+from linconv.finetune import STAGES, FinetuneConfig, finetune, lora_target_modules, resume_folder
 from linconv.loss import lm_loss
 from linconv.models.hf import linconv_tensor_names
 from linconv.progress import Progress
@@ -520,6 +520,12 @@ def test_finetuning_a_finetuned_checkpoint_keeps_its_history(data, tmp_path):
     assert "heldout_perplexity" not in card
     [earlier] = card["earlier_finetunes"]
     assert earlier["finetuned_from"] == str(data / "llama") and earlier["transfer_steps"] == 1 and earlier["heldout_perplexity"]
+
+
+def test_every_stage_has_its_own_name_and_seed_number():
+    """The number seeds a stage's data order: two stages sharing one would see the same windows."""
+    assert len({s.name for s in STAGES}) == len({s.number for s in STAGES}) == len(STAGES)
+    assert [s.name for s in STAGES] == ["transfer", "lora", "medusa"]
 
 
 def test_recipe_options_are_overridden_by_explicit_ones():

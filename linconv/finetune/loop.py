@@ -57,12 +57,13 @@ class Trainer:
         heldout: Tensor | None,
         progress: Progress,
         partial: Path,
+        evals: list[dict],
     ):
         self.acc, self.cfg, self.model, self.order, self.heldout = acc, cfg, model, order, heldout
         self.progress, self.partial = progress, partial  # partial: where the resume state goes (for the messages)
         self.main, self.world, self.rank = acc.is_main_process, acc.num_processes, acc.process_index
         self.stop = False  # set by Ctrl-C: stop after the current step
-        self.evals: list[dict] = []  # {"stage", "step", "perplexity"}
+        self.evals = evals  # {"stage", "step", "perplexity"}, those of an interrupted run first
 
     def train(self, stage: Stage, total: int, start: int, result: StageResult, resumed: dict | None, save: SaveState) -> None:
         """Steps ``start`` to ``total`` of ``stage`` (set up), continuing the ``resumed`` optimizer states if given."""

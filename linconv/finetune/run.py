@@ -27,7 +27,18 @@ from linconv.progress import SILENT, Progress
 
 
 class Run:
-    def __init__(self, checkpoint: Path, output: Path, cfg: FinetuneConfig, resume: bool, overwrite: bool, device, progress: Progress):
+    """One call of :func:`finetune`, in every process: refuses a resume that would not continue the same run."""
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        output: Path,
+        cfg: FinetuneConfig,
+        resume: bool,
+        overwrite: bool,
+        device: str | torch.device | None,
+        progress: Progress,
+    ):
         self.checkpoint, self.output, self.cfg, self.progress = checkpoint, output, cfg, progress
         self.partial = resume_folder(output)
         self.overwrite = overwrite
@@ -66,8 +77,8 @@ class Run:
         self.model.requires_grad_(False)
         self.card = read_card(self.checkpoint)
         order = WindowOrder(train, cfg.batch_size, cfg.grad_accum, cfg.seed, self.world, self.rank)
-        self.trainer = Trainer(self.acc, cfg, self.model, order, heldout, self.progress, self.partial)
-        self.trainer.evals = list(self.state.evals) if self.state is not None else []
+        evals = list(self.state.evals) if self.state is not None else []
+        self.trainer = Trainer(self.acc, cfg, self.model, order, heldout, self.progress, self.partial, evals)
 
     def run(self) -> FinetuneResult:
         """Every planned stage in order; those finished before an interruption only rebuild their structure."""
