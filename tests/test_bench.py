@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 import linconv
 from linconv import report
 from linconv.bench import maxlen as maxlen_mod
-from linconv.bench import run as run_mod
-from linconv.bench.maxlen import GIB, ProcessTrial, Trial, search_max_length
+from linconv.bench import trials
+from linconv.bench.maxlen import search_max_length
 from linconv.bench.perplexity import perplexity
 from linconv.bench.run import BenchSettings, run_bench
+from linconv.bench.trials import GIB, ProcessTrial, Trial
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
@@ -149,9 +150,9 @@ def test_trial_processes_memory_and_time_limits(tmp_path):
     - a budget below the loaded model is a one-line LinconvError, not a result.
     """
     save_tiny("llama", tmp_path / "wide", hidden_size=64, intermediate_size=8192, num_attention_heads=4, num_key_value_heads=4)
-    budget = maxlen_mod.process_rss(os.getpid()) + 300 * 2**20
+    budget = trials.process_rss(os.getpid()) + 300 * 2**20
     bloat = torch.ones(2**28)  # 1 GiB resident in the parent while the children start
-    parent_rss = maxlen_mod.process_rss(os.getpid())
+    parent_rss = trials.process_rss(os.getpid())
     memory = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=budget, timeout_s=120, threads=1)
     fits = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=64 * GIB, timeout_s=120, threads=1)
     slow = ProcessTrial(tmp_path / "wide", "generate", budget_bytes=64 * GIB, timeout_s=0.0, threads=1)
@@ -234,7 +235,7 @@ EXPECTED_KEYS = {
 
 
 def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
-    monkeypatch.setattr(run_mod, "ProcessTrial", FakeTrial)
+    monkeypatch.setattr(maxlen_mod, "ProcessTrial", FakeTrial)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     res = runner.invoke(
         app,
@@ -284,7 +285,7 @@ def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
 def test_run_bench_perplexity_uses_the_same_tokens(folders):
     s = BenchSettings(checkpoint=str(folders["ckpt"]), text=str(folders["text"]), tasks=("ppl",), ppl_window=32, ppl_tokens=128, threads=1)
     result = run_bench(s)
-    lin, orig = result.perplexity["linearized"], result.perplexity["original"]
+    lin, orig = result.results["ppl"]["linearized"], result.results["ppl"]["original"]
     assert (lin.tokens, lin.windows) == (orig.tokens, orig.windows) == (128, 4)
     assert result.status == "complete"
     assert report.bench_json(result)["perplexity"]["ratio"] == pytest.approx(lin.perplexity / orig.perplexity)
