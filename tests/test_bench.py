@@ -22,10 +22,12 @@ from linconv.bench import trials
 from linconv.bench.maxlen import search_max_length
 from linconv.bench.perplexity import perplexity
 from linconv.bench.run import BenchSettings, run_bench
+from linconv.bench.tasks import DEFAULT_TASKS, TASKS
 from linconv.bench.trials import GIB, ProcessTrial, Trial
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
+from linconv.progress import Progress
 
 runner = CliRunner()
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog. linear attention replaces softmax with a kernel feature map."] * 60)
@@ -289,6 +291,45 @@ def test_run_bench_perplexity_uses_the_same_tokens(folders):
     assert (lin.tokens, lin.windows) == (orig.tokens, orig.windows) == (128, 4)
     assert result.status == "complete"
     assert report.bench_json(result)["perplexity"]["ratio"] == pytest.approx(lin.perplexity / orig.perplexity)
+
+
+class Recorder(Progress):
+    """Keeps every call, to check what a run reports and in which order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self, task, total=None, completed=0):
+        self.calls.append(("start", task))
+
+    def update(self, task, completed, total=None, **fields):
+        self.calls.append(("update", task))
+
+    def message(self, text):
+        self.calls.append(("message", text))
+
+    def end(self, task):
+        self.calls.append(("end", task))
+
+
+def test_run_bench_reports_every_task_through_progress_in_run_order(folders):
+    s = BenchSettings(checkpoint=str(folders["ckpt"]), text=str(folders["text"]), tasks=("ppl", "leakage"), ppl_window=32, ppl_tokens=64)
+    recorder = Recorder()
+    result = run_bench(s, progress=recorder)
+    started = [task for kind, task in recorder.calls if kind == "start"]
+    assert started == ["setup", "leakage · linearized", "perplexity · original", "perplexity · linearized"]
+    bounds = [call for call in recorder.calls if call[0] in ("start", "end")]
+    assert bounds == [(kind, task) for task in started for kind in ("start", "end")]  # each ends before the next starts
+    assert result.completed == ["leakage", "ppl"] and set(result.results) == {"leakage", "ppl"}
+
+
+def test_tasks_option_is_the_registry():
+    """--tasks help lists every registered task, and its default is the registry's default set."""
+    res = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    for name, task in TASKS.items():
+        assert f"{name} ({task.description})" in res.output
+    assert f"[default: {','.join(DEFAULT_TASKS)}]" in res.output and "spec" not in DEFAULT_TASKS
 
 
 def one_line_error(res, *fragments):

@@ -5,7 +5,8 @@ A task lives in its own module: a function ``run(inputs, settings, progress)`` t
 model in ``inputs.models`` and returns its result (dataclasses), and a function that turns that
 result into the task's part of the JSON report, beside the dataclass it reads. Adding a task is that
 module plus one entry here; the CLI's ``--tasks`` help, the validation of task names, the run order
-and the JSON report all come from this registry.
+and the JSON report all come from this registry (a table for the terminal, if wanted, is a function
+in :mod:`linconv.report` reading ``result.results[name]``).
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ if TYPE_CHECKING:  # run.py imports this registry
 
 @dataclass(frozen=True)
 class Task:
+    """One registered task: how it runs, where its figures go in the JSON report, how it is offered."""
+
     run: Callable[[BenchInputs, BenchSettings, Progress], Any]  # measures; returns the task's result
     json: Callable[[Any, BenchSettings], Any]  # that result -> the task's part of the JSON report
     key: str  # where that part sits in the report (``null`` when the task did not run)
-    order: int  # tasks run in increasing order: the cheap ones first, so a slow one cannot hide their results
+    order: int  # tasks run in increasing order: cheap ones first, so their figures are in before a long search
     description: str  # for ``--tasks`` help
-    default: bool = True  # run without ``--tasks``
+    default: bool = True  # runs when ``--tasks`` is not given
     needs_text: bool = False  # reads the tokenized text (``inputs.tokens``)
-    check: Callable[[BenchInputs, BenchSettings], None] | None = None  # before any task: raise LinconvError on a run that cannot work
+    check: Callable[[BenchInputs, BenchSettings], None] | None = None  # before the first task: LinconvError if it cannot work
 
 
 # The order of the entries is the order of the keys in the JSON report.
