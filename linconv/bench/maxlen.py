@@ -152,7 +152,7 @@ def check_budget(inputs: BenchInputs, s: BenchSettings) -> None:
     if s.memory_budget_gib is None:
         return
     budget = int(s.memory_budget_gib * GIB)
-    for role, model in inputs.models.items():
+    for role, model in reversed(inputs.models.items()):  # the linearized model, the one under test, first
         if weights_bytes(model) >= budget:
             raise LinconvError(
                 f"--memory-budget {s.memory_budget_gib:g} GiB is smaller than the "

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from linconv.bench.perplexity import window_nll
 from linconv.errors import LinconvError
 from linconv.generate import generate
+from linconv.models import hf as _hf  # noqa: F401  (registers the linconv model types: a trial child loads checkpoints)
 
 OK, MEMORY, TIME = "ok", "memory", "time"  # a trial's outcomes
 MODES = ("forward", "generate")
@@ -242,10 +244,6 @@ def child_main(spec: dict) -> None:
 
     threading.Thread(target=orphaned, daemon=True).start()
     torch.set_num_threads(spec["threads"])
-    from transformers import AutoModelForCausalLM
-
-    import linconv  # noqa: F401  (registers the linconv model types)
-
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"])).eval()
     with torch.inference_mode():
         for p in model.parameters():  # fault every weight page in: loading is done before timing
