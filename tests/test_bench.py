@@ -18,13 +18,16 @@ from typer.testing import CliRunner
 import linconv
 from linconv import report
 from linconv.bench import maxlen as maxlen_mod
-from linconv.bench import run as run_mod
-from linconv.bench.maxlen import GIB, ProcessTrial, Trial, search_max_length
+from linconv.bench import trials
+from linconv.bench.maxlen import search_max_length
 from linconv.bench.perplexity import perplexity
 from linconv.bench.run import BenchSettings, run_bench
+from linconv.bench.tasks import DEFAULT_TASKS, TASKS
+from linconv.bench.trials import GIB, ProcessTrial, Trial
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
+from linconv.progress import Progress
 
 runner = CliRunner()
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog. linear attention replaces softmax with a kernel feature map."] * 60)
@@ -149,9 +152,9 @@ def test_trial_processes_memory_and_time_limits(tmp_path):
     - a budget below the loaded model is a one-line LinconvError, not a result.
     """
     save_tiny("llama", tmp_path / "wide", hidden_size=64, intermediate_size=8192, num_attention_heads=4, num_key_value_heads=4)
-    budget = maxlen_mod.process_rss(os.getpid()) + 300 * 2**20
+    budget = trials.process_rss(os.getpid()) + 300 * 2**20
     bloat = torch.ones(2**28)  # 1 GiB resident in the parent while the children start
-    parent_rss = maxlen_mod.process_rss(os.getpid())
+    parent_rss = trials.process_rss(os.getpid())
     memory = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=budget, timeout_s=120, threads=1)
     fits = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=64 * GIB, timeout_s=120, threads=1)
     slow = ProcessTrial(tmp_path / "wide", "generate", budget_bytes=64 * GIB, timeout_s=0.0, threads=1)
@@ -234,7 +237,7 @@ EXPECTED_KEYS = {
 
 
 def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
-    monkeypatch.setattr(run_mod, "ProcessTrial", FakeTrial)
+    monkeypatch.setattr(maxlen_mod, "ProcessTrial", FakeTrial)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     res = runner.invoke(
         app,
@@ -284,10 +287,49 @@ def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
 def test_run_bench_perplexity_uses_the_same_tokens(folders):
     s = BenchSettings(checkpoint=str(folders["ckpt"]), text=str(folders["text"]), tasks=("ppl",), ppl_window=32, ppl_tokens=128, threads=1)
     result = run_bench(s)
-    lin, orig = result.perplexity["linearized"], result.perplexity["original"]
+    lin, orig = result.results["ppl"]["linearized"], result.results["ppl"]["original"]
     assert (lin.tokens, lin.windows) == (orig.tokens, orig.windows) == (128, 4)
     assert result.status == "complete"
     assert report.bench_json(result)["perplexity"]["ratio"] == pytest.approx(lin.perplexity / orig.perplexity)
+
+
+class Recorder(Progress):
+    """Keeps every call, to check what a run reports and in which order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self, task, total=None, completed=0):
+        self.calls.append(("start", task))
+
+    def update(self, task, completed, total=None, **fields):
+        self.calls.append(("update", task))
+
+    def message(self, text):
+        self.calls.append(("message", text))
+
+    def end(self, task):
+        self.calls.append(("end", task))
+
+
+def test_run_bench_reports_every_task_through_progress_in_run_order(folders):
+    s = BenchSettings(checkpoint=str(folders["ckpt"]), text=str(folders["text"]), tasks=("ppl", "leakage"), ppl_window=32, ppl_tokens=64)
+    recorder = Recorder()
+    result = run_bench(s, progress=recorder)
+    started = [task for kind, task in recorder.calls if kind == "start"]
+    assert started == ["setup", "leakage · linearized", "perplexity · original", "perplexity · linearized"]
+    bounds = [call for call in recorder.calls if call[0] in ("start", "end")]
+    assert bounds == [(kind, task) for task in started for kind in ("start", "end")]  # each ends before the next starts
+    assert result.completed == ["leakage", "ppl"] and set(result.results) == {"leakage", "ppl"}
+
+
+def test_tasks_option_is_the_registry():
+    """--tasks help lists every registered task, and its default is the registry's default set."""
+    res = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    for name, task in TASKS.items():
+        assert f"{name} ({task.description})" in res.output
+    assert f"[default: {','.join(DEFAULT_TASKS)}]" in res.output and "spec" not in DEFAULT_TASKS
 
 
 def one_line_error(res, *fragments):

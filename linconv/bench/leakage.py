@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from linconv.bench.base import BenchInputs
+from linconv.progress import Progress
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 
 @dataclass
@@ -36,3 +43,20 @@ def leakage_check(model: nn.Module, seq_len: int = 96, cuts: int = 3, seed: int 
         logits = model(other.to(device), use_cache=False).logits.float()
         worst = max(worst, (logits[:, : t + 1] - base[:, : t + 1]).abs().max().item())
     return LeakageResult(seq_len, points, worst, tolerance)
+
+
+# --- the ``leakage`` bench task -------------------------------------------------------------------
+
+
+def run_leakage(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> LeakageResult:
+    """The linearized model only: the original is causal by construction."""
+    task = "leakage · linearized"
+    progress.start(task, 1)
+    result = leakage_check(inputs.models["linearized"])
+    progress.update(task, 1, 1, detail="leaks!" if result.leaks else "causal")
+    progress.end(task)
+    return result
+
+
+def leakage_json(result: LeakageResult, s: BenchSettings) -> dict:
+    return {**asdict(result), "leaks": result.leaks}

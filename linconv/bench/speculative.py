@@ -9,12 +9,19 @@ speculative run uses the same model through tree verification.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from linconv.bench.base import BenchInputs
 from linconv.errors import LinconvError
 from linconv.generate import generate
+from linconv.progress import Progress
 from linconv.speculative.decode import speculative_generate
+from linconv.speculative.drafts import PromptLookup
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 
 @dataclass
@@ -65,3 +72,25 @@ def spec_decode_point(model: nn.Module, name: str, kind: str, prompt: list[int],
         histogram=spec.histogram,
         identical=spec.tokens == plain.tokens[0],
     )
+
+
+# --- the ``spec`` bench task ----------------------------------------------------------------------
+
+
+def run_spec(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> list[SpecPoint]:
+    """Every model on both prompt kinds, drafting by prompt lookup: one point per model and kind."""
+    prompts = spec_prompts(inputs.tokens.tolist())
+    points = []
+    for role, model in inputs.models.items():
+        task = f"speculative · {role}"
+        progress.start(task, len(prompts))
+        for i, (kind, prompt) in enumerate(prompts.items()):
+            progress.update(task, i, detail=kind)
+            points.append(spec_decode_point(model, role, kind, prompt, PromptLookup(num_tokens=8, max_candidates=4), s.spec_tokens))
+        progress.update(task, len(prompts), detail="done")
+        progress.end(task)
+    return points
+
+
+def spec_json(points: list[SpecPoint], s: BenchSettings) -> list[dict] | None:
+    return [p.to_dict() for p in points] or None
