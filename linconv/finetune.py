@@ -41,8 +41,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from linconv.checkpoint import check_output
 from linconv.errors import LinconvError
 from linconv.loss import lm_loss, model_parts
+from linconv.models import position_limit
 
 STAGES = ("transfer", "lora", "medusa")
 PRECISIONS = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
@@ -88,9 +90,9 @@ class FinetuneConfig:
             if getattr(self, name) < 0:
                 raise LinconvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "transfer_lr", "medusa_lr"):
-            if not getattr(self, name) > 0:
-                raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            if not 0 < getattr(self, name) < math.inf:  # nan and inf train NaN weights
+                raise LinconvError(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(self, name)}")
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
             raise LinconvError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.warmup < 1:
             raise LinconvError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
@@ -238,8 +240,7 @@ def _check_paths(checkpoint: Path, output: Path, partial: Path, resume: bool, ov
         raise LinconvError(f"OUTPUT {output} is inside CHECKPOINT {checkpoint}; write the fine-tuned model to a folder outside it")
     if out in ck.parents:
         raise LinconvError(f"CHECKPOINT {checkpoint} is inside OUTPUT {output}; choose another OUTPUT")
-    if output.exists() and not overwrite:
-        raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite=overwrite)
     if resume and not (partial / "progress.json").is_file():
         raise LinconvError(f"nothing to resume: no resume checkpoint at {partial} (one is written every --save-every steps and on Ctrl-C)")
     if not resume and partial.exists() and not overwrite:
@@ -299,6 +300,9 @@ class _Run:
         cfg = self.cfg
         # cheap checks first, so that mistakes fail before the weights load
         config = _checkpoint_config(self.checkpoint)
+        limit = position_limit(config)
+        if limit is not None and cfg.seq_len > limit:
+            raise LinconvError(f"--seq-len {cfg.seq_len} is more than the {limit} positions of this model; use at most {limit}")
         saved = config.get("dtype") or config.get("torch_dtype") or "float32"
         self.save_dtype = getattr(torch, str(saved).removeprefix("torch."), torch.float32)
         if cfg.lora_steps:

@@ -88,6 +88,8 @@ def bench_header_table(result) -> Table:
             table.add_row(role, "none (--baseline none)")
     table.add_row("device", f"{env['device']} ({env['device_name']}) · {env['threads']} threads · torch {env['torch']}")
     table.add_row("tasks", ", ".join(s.tasks))
+    for note in result.notes:
+        table.add_row("adjusted", note)
     return table
 
 
@@ -295,6 +297,7 @@ def bench_json(result) -> dict:
         "spec": [p.to_dict() for p in result.spec] or None,
         "completed": list(result.completed),
         "errors": list(result.errors),
+        "notes": list(result.notes),
     }
     if result.perplexity:
         any_ = next(iter(result.perplexity.values()))

@@ -15,13 +15,14 @@ without a checkpoint the default model is loaded once, converted in memory, and 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from linconv.bench.speed import SpeedResult, parse_contexts, speed
 from linconv.config import parse_dtype
 from linconv.data import same_tokenizer
 from linconv.errors import LinconvError
+from linconv.models import position_limit
 from linconv.speculative.drafts import PromptLookup
 
 SCHEMA_VERSION = 1
@@ -44,6 +46,7 @@ DEFAULT_TASKS = ("ppl", "maxlen", "speed", "leakage")  # spec: `linconv bench --
 ORDER = ("leakage", "ppl", "speed", "spec", "maxlen")  # run order: cheapest first, the long search last
 DEFAULT_SOURCE = "default:SmolLM2-135M-Instruct"
 ROLES = ("original", "linearized")
+SPEC_PASSAGE = 384  # tokens of the speculative-decoding passage
 
 # CPU defaults: `linconv bench` of the default model (135M, fp32) in about 12 minutes on 2 quiet cores.
 # A max-length trial process holds ~1.0 GB with the model loaded; prefill in chunks of 512 keeps the
@@ -119,6 +122,8 @@ class BenchSettings:
             values["memory_budget_gib"] = defaults["memory_budget_gib"]
         values["contexts"] = tuple(parse_contexts(values["contexts"]))
         parse_dtype(values["dtype"])
+        if values["threads"] is not None and values["threads"] <= 0:
+            raise LinconvError(f"--threads must be > 0, got {values['threads']}")
         values["threads"] = values["threads"] or torch.get_num_threads()
         out = BenchSettings(**values)
         unknown = [t for t in out.tasks if t not in TASKS]
@@ -134,10 +139,10 @@ class BenchSettings:
             "max-length start": out.max_len_start,
         }
         for name, value in positive.items():
-            if value is None or value <= 0:
-                raise LinconvError(f"{name} must be > 0, got {value}")
-        if out.memory_budget_gib is not None and out.memory_budget_gib <= 0:
-            raise LinconvError(f"--memory-budget must be > 0 GiB, got {out.memory_budget_gib}")
+            if value is None or not 0 < value < math.inf:  # also refuses nan
+                raise LinconvError(f"{name} must be > 0 and finite, got {value}")
+        if out.memory_budget_gib is not None and not 0 < out.memory_budget_gib < math.inf:
+            raise LinconvError(f"--memory-budget must be > 0 GiB and finite, got {out.memory_budget_gib}")
         if out.ppl_window < 2:
             raise LinconvError(f"--ppl-window must be at least 2 tokens, got {out.ppl_window}")
         if out.ppl_tokens is not None and out.ppl_tokens < 0:
@@ -162,6 +167,7 @@ class BenchResult:
     spec: list[SpecPoint] = field(default_factory=list)  # model x prompt kind
     completed: list[str] = field(default_factory=list)  # tasks finished
     errors: list[dict] = field(default_factory=list)  # {"task", "message"}
+    notes: list[str] = field(default_factory=list)  # settings changed to fit the models (position limits)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -237,6 +243,31 @@ def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | No
     return model, tok, name, base, base_tok, source
 
 
+def fit_positions(s: BenchSettings, limit: int | None) -> tuple[BenchSettings, str | None]:
+    """``s`` cut to models that take at most ``limit`` tokens (learned position embeddings, GPT-2):
+    lengths past it cannot be run at all. Returns the settings and a note saying what changed."""
+    if limit is None:
+        return s, None
+    fits = tuple(c for c in s.contexts if c + s.decode_tokens <= limit) or (max(1, limit - s.decode_tokens),)
+    changes = {
+        "contexts": fits,
+        "ppl_window": min(s.ppl_window, limit),
+        "max_len_cap": min(s.max_len_cap, limit - s.maxlen_new_tokens),
+        "spec_tokens": min(s.spec_tokens, limit // 4),
+    }
+    changed = {k: v for k, v in changes.items() if v != getattr(s, k)}
+    if not changed:
+        return s, None
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    listed = "; ".join(f"{k.replace('_', ' ')} {show(getattr(s, k))} -> {show(v)}" for k, v in changed.items())
+    return replace(s, **changed), f"the models take at most {limit} tokens (learned positions): {listed}"
+
+
+def _position_limit(models) -> int | None:
+    limits = [n for m in models if (n := position_limit(m.config)) is not None]
+    return min(limits, default=None)
+
+
 def _model_folder(model: nn.Module, given: str | None, stack: ExitStack) -> str:
     """A folder a trial child can load ``model`` from: ``given`` when it is one, else a temporary save."""
     if given is not None and Path(given).is_dir() and (Path(given) / "config.json").is_file():
@@ -271,7 +302,8 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
     say("loading the models…")
     model, tok, name, base, base_tok, base_name = _load_models(s, device, dtype)
     models = {"linearized": model, **({"original": base} if base is not None else {})}
-    result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads))
+    s, note = fit_positions(s, _position_limit(models.values()))
+    result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads), notes=[note] if note else [])
     result.models = {"linearized": model_info(model, name), **({"original": model_info(base, base_name)} if base is not None else {})}
     if base is not None and not same_tokenizer(tok, base_tok):
         raise LinconvError(
@@ -365,7 +397,9 @@ def _speed(result: BenchResult, models, s: BenchSettings, progress: Progress) ->
 
 
 def _spec(result: BenchResult, models, tokens, s: BenchSettings, progress: Progress) -> None:
-    prompts = spec_prompts(tokens.tolist())
+    limit = _position_limit(m for _, m in models)
+    passage = SPEC_PASSAGE if limit is None else min(SPEC_PASSAGE, (limit - s.spec_tokens) * 2 // 3)  # grounded: 1.5 passages
+    prompts = spec_prompts(tokens.tolist(), passage)
     for role, m in models:
         label = f"speculative · {role}"
         for i, (kind, prompt) in enumerate(prompts.items()):

@@ -72,9 +72,13 @@ def bench_command(
 
     from linconv import report
     from linconv.bench.run import BenchSettings, run_bench
+    from linconv.checkpoint import check_output
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise LinconvError(f"--plot must name a .png file, got {plot}")
+    for path in (json_path, plot):
+        if path is not None:
+            check_output(path, folder=False, inputs=(checkpoint,))
     settings = BenchSettings(
         checkpoint=checkpoint,
         baseline=baseline,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import typer
@@ -46,7 +45,7 @@ def convert_command(
     """Replace a causal LM's softmax attention with linear attention and save the new checkpoint."""
     import linconv
     from linconv import report
-    from linconv.checkpoint import save_checkpoint
+    from linconv.checkpoint import check_output, save_checkpoint
     from linconv.convert import summarize
     from linconv.models import ADAPTERS
     from linconv.sources import load_source
@@ -54,8 +53,7 @@ def convert_command(
     if len(paths) not in (1, 2):
         raise LinconvError("expected [SOURCE] OUTPUT")
     source, output = (None, paths[0]) if len(paths) == 1 else paths
-    if Path(output).exists() and not overwrite:
-        raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite=overwrite, inputs=(source,))
     given = dict(attention=attention, group_size=group_size, conv_kernel=conv_kernel, softmax_every=softmax_every)
     cfg = linconv.LinearizeConfig(
         **get_recipe(recipe).options("convert", given),
