@@ -193,8 +193,14 @@ def leakage_table(result) -> Table | None:
     r = result.leakage
     if r is None:
         return None
-    table = Table(title=f"Leakage check (linearized) · {r.seq_len} random tokens, cut points {', '.join(map(str, r.cut_points))}")
-    for col in ("max |Δ logit| at ≤ t", "tolerance", "verdict"):
+    if r.declared:
+        table = Table(title="Leakage check (linearized) · not run: the model's config says it is not causal")
+        table.add_column("verdict", justify="right")
+        table.add_row(f"[bold red]LEAKS future tokens[/] ({r.declared})")
+        return table
+    title = f"Leakage check (linearized) · {r.seq_len} random tokens, cut points {', '.join(map(str, r.cut_points))}"
+    table = Table(title=title + f", new parameters randomised: {r.randomized}")
+    for col in ("max |Δ hidden| at ≤ t (relative)", "tolerance", "verdict"):
         table.add_column(col, justify="right")
     table.add_row(f"{r.max_change:.2e}", f"{r.tolerance:.0e}", "[bold red]LEAKS future tokens[/]" if r.leaks else "[green]causal[/]")
     return table
