@@ -87,7 +87,7 @@ def check_safetensors(folder: Path) -> None:
         if pickles:
             raise LinconvError(
                 f"{folder} holds pickle weights ({pickles[0]}) and linconv loads safetensors only (unpickling can run code); "
-                f"convert them once, if you trust them: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f'convert them once, if you trust them: python -c "from transformers import AutoModelForCausalLM as M; '
                 f"M.from_pretrained('{folder}').save_pretrained('{folder}')\""
             )
         raise LinconvError(f"{folder} has no weights (no *.safetensors file)")
