@@ -45,6 +45,7 @@ from linconv.checkpoint import check_output
 from linconv.errors import LinconvError
 from linconv.loss import lm_loss, model_parts
 from linconv.models import position_limit
+from linconv.sources import check_safetensors
 
 STAGES = ("transfer", "lora", "medusa")
 PRECISIONS = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
@@ -300,6 +301,7 @@ class _Run:
         cfg = self.cfg
         # cheap checks first, so that mistakes fail before the weights load
         config = _checkpoint_config(self.checkpoint)
+        check_safetensors(self.checkpoint)
         limit = position_limit(config)
         if limit is not None and cfg.seq_len > limit:
             raise LinconvError(f"--seq-len {cfg.seq_len} is more than the {limit} positions of this model; use at most {limit}")

@@ -115,18 +115,31 @@ def bench_command(
     )
     ids: dict[str, int] = {}
 
+    spinner = console.status("")  # setup (loading, reading) shows a spinner that leaves no line behind
+
     def progress(label: str, done: float, total: float | None, detail: str) -> None:
+        if not bars.live.is_started:
+            spinner.stop()
+            bars.start()
         if label not in ids:
             ids[label] = bars.add_task(label, total=total, detail="")
         bars.update(ids[label], completed=done, total=total, detail=detail)
 
     def status(text: str) -> None:
-        progress("setup", 0, None, text)
+        if bars.live.is_started:
+            progress("setup", 0, None, text)
+        else:
+            spinner.update(text)
+            spinner.start()
 
-    with bars:
+    try:
         result = run_bench(settings, on_update=save, progress=progress, status=status)
         if "setup" in ids:
             bars.update(ids["setup"], total=1, completed=1, detail="done")
+    finally:
+        spinner.stop()
+        if bars.live.is_started:
+            bars.stop()
     save(result)
     report.print_bench(result)
     if plot is not None and report.write_plot(result, plot):
