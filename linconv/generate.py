@@ -26,6 +26,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from linconv.errors import LinconvError
+from linconv.models import position_limit
 from linconv.models.hf import is_linconv
 
 OnToken = Callable[[int, int, str], None]  # (row, token id, newly final text)
@@ -58,10 +59,9 @@ def context_limit(model) -> int | None:
     """Positions a model can use: a softmax model's trained context; None for a linconv model with
     rotary positions; absolute position embeddings (GPT-2) are a hard limit for both."""
     config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if is_linconv(config) and config.model_type != "linconv-gpt2":
-        return None
-    return limit
+    if is_linconv(config):
+        return position_limit(config)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def state_nbytes(cache) -> int:
