@@ -31,7 +31,7 @@ TMP_TAG = ".tmp-"  # a temporary folder of ours: ``.{name}.tmp-XXXX`` beside the
 _STALE_AFTER_S = 60.0  # a temporary folder this old and not locked is a killed save's leftover
 
 
-def check_output(path: str | Path, *, overwrite: bool = False, folder: bool = True, inputs: tuple = ()) -> Path:
+def check_output(path: str | Path, *, overwrite: bool = False, folder: bool = True, inputs: tuple[str | Path | None, ...] = ()) -> Path:
     """Refuse, with one line and before any work is done, an output that cannot be written.
 
     ``folder``: the output is a folder (a checkpoint: an existing one needs ``overwrite``); else a
