@@ -11,6 +11,12 @@ from linconv.attention.variants import DEFAULT_VARIANT, get_variant
 from linconv.errors import LinconvError
 
 FORMAT_VERSION = 1
+# Bounds that keep one forward pass allocatable: a group is a G x G score map per head (8192: 256 MiB
+# per head in fp32, the default model's whole trained context), the conv keeps K - 1 values per head
+# and linformer a rank x max-length projection per layer.
+MAX_GROUP_SIZE = 8192
+MAX_CONV_KERNEL = 1024
+MAX_LINFORMER_LEN = 1 << 20
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -89,6 +95,11 @@ class LinearizeConfig:
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.conv_kernel is not None and self.conv_kernel < 0:
             raise LinconvError(f"--conv-kernel must be >= 0 (0 disables the convolution), got {self.conv_kernel}")
+        bounds = {"group_size": MAX_GROUP_SIZE, "chunk_size": MAX_GROUP_SIZE, "conv_kernel": MAX_CONV_KERNEL}
+        bounds |= {"linformer_max_len": MAX_LINFORMER_LEN, "linformer_rank": self.linformer_max_len}
+        for name, bound in bounds.items():
+            if (getattr(self, name) or 0) > bound:
+                raise LinconvError(f"--{name.replace('_', '-')} must be <= {bound}, got {getattr(self, name)}")
         leak = next((s.leak for s in specs if s.leak), None)
         if leak and not self.allow_noncausal:
             raise LinconvError(

@@ -96,6 +96,8 @@ def bench_header_table(result) -> Table:
             table.add_row(role, "none (--baseline none)")
     table.add_row("device", f"{env['device']} ({env['device_name']}) · {env['threads']} threads · torch {env['torch']}")
     table.add_row("tasks", ", ".join(s.tasks))
+    for note in result.notes:
+        table.add_row("adjusted", note)
     return table
 
 
@@ -199,8 +201,14 @@ def leakage_table(result) -> Table | None:
     r = result.results.get("leakage")
     if r is None:
         return None
-    table = Table(title=f"Leakage check (linearized) · {r.seq_len} random tokens, cut points {', '.join(map(str, r.cut_points))}")
-    for col in ("max |Δ logit| at ≤ t", "tolerance", "verdict"):
+    if r.declared:
+        table = Table(title="Leakage check (linearized) · not run: the model's config says it is not causal")
+        table.add_column("verdict", justify="right")
+        table.add_row(f"[bold red]LEAKS future tokens[/] ({r.declared})")
+        return table
+    title = f"Leakage check (linearized) · {r.seq_len} random tokens, cut points {', '.join(map(str, r.cut_points))}"
+    table = Table(title=title + f", new parameters randomised: {r.randomized}")
+    for col in ("max |Δ hidden| at ≤ t (relative)", "tolerance", "verdict"):
         table.add_column(col, justify="right")
     table.add_row(f"{r.max_change:.2e}", f"{r.tolerance:.0e}", "[bold red]LEAKS future tokens[/]" if r.leaks else "[green]causal[/]")
     return table
@@ -289,6 +297,7 @@ def bench_json(result) -> dict:
         **{task.key: task.json(result.results[name], result.settings) if name in result.results else None for name, task in TASKS.items()},
         "completed": list(result.completed),
         "errors": list(result.errors),
+        "notes": list(result.notes),
     }
     return _plain(out)
 

@@ -194,6 +194,7 @@ EXPECTED_KEYS = {
         "leakage",
         "max_length",
         "models",
+        "notes",
         "perplexity",
         "schema_version",
         "settings",
@@ -231,7 +232,7 @@ EXPECTED_KEYS = {
     "max_length.generate": ["linearized", "original", "ratio"],
     "max_length.generate.original": ["bound", "first_failure", "loaded_bytes", "max_length", "seconds", "trials"],
     "speed": ["contexts", "decode_tokens", "linearized", "original", "prefill_chunk", "ratio", "repeats", "warmup"],
-    "leakage": ["cut_points", "leaks", "max_change", "seq_len", "tolerance"],
+    "leakage": ["boundaries", "cut_points", "declared", "leaks", "max_change", "randomized", "seq_len", "tolerance"],
     "text": ["characters", "source", "tokens", "tokens_used"],
 }
 
@@ -399,7 +400,11 @@ def test_partial_results_are_saved_when_a_later_task_fails(folders, tmp_path):
     one_line_error(res, "maxlen:", "smaller than the model", "partial results")
     data = json.loads(out.read_text())
     assert data["status"] == "failed" and data["completed"] == ["ppl"]
-    assert data["perplexity"]["original"]["perplexity"] > 1 and data["max_length"] is None
+    from linconv.sources import load_source
+
+    base, tokens = load_source(str(folders["base"]), ["llama"])[0], tiny_tokenizer()(TEXT)["input_ids"]
+    expected = reference_perplexity(base, torch.tensor(tokens[:256]), 32)
+    assert data["perplexity"]["original"]["perplexity"] == pytest.approx(expected, rel=1e-5) and data["max_length"] is None
     assert data["errors"][0]["task"] == "maxlen"
 
 
@@ -452,3 +457,21 @@ def test_spec_decode_section(folders, tmp_path):
     assert all(p["identical"] and p["new_tokens"] == 6 for p in spec)
     bad = runner.invoke(app, ["bench", str(folders["ckpt"]), *FAST, "--tasks", "leakage", "--spec-decode", "--spec-tokens", "0"])
     assert bad.exit_code == 1 and "--spec-tokens must be > 0" in bad.output
+
+
+def test_gpt2_default_settings_fit_its_positions(tmp_path):
+    """A GPT-2 takes at most n_positions tokens: the default contexts, window, caps and speculative
+    prompts are cut to fit (and the report says so) instead of crashing."""
+    base = tmp_path / "gpt2"
+    save_tiny("gpt2", base)  # n_positions = 128
+    model = linconv.convert(str(base), linconv.LinearizeConfig(source=str(base), group_size=8, conv_kernel=3))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "ckpt", card={})
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "g.json"
+    args = ["bench", str(tmp_path / "ckpt"), "--text", str(tmp_path / "text.txt"), "--tasks", "ppl,speed,leakage", "--spec-decode"]
+    res = runner.invoke(app, [*args, "--ppl-tokens", "256", "--repeats", "1", "--threads", "1", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["contexts"] == [112] and data["settings"]["ppl_window"] == 128 and data["settings"]["spec_tokens"] == 32
+    assert data["settings"]["max_len_cap"] == 120 and "at most 128 tokens" in data["notes"][0] and "adjusted" in res.output
+    assert all(p["identical"] for p in data["spec"]) and data["leakage"]["leaks"] is False

@@ -278,8 +278,13 @@ def test_eval_every_reports_heldout_perplexity(data, tmp_path):
 
 
 def test_default_heldout_text_is_used_for_eval(data, tmp_path):
+    from linconv.data import builtin_text, tokenize
+
     result = run(data, tmp_path / "out", transfer_steps=1, eval_every=1, eval_windows=1)
-    assert len(result.evals) == 2 and all(e["perplexity"] > 1 for e in result.evals)
+    model, tok = linconv.load(data / "llama")
+    first = tokenize(tok, builtin_text("heldout")[:2000])[:16]  # the first window of the held-out plays
+    assert [e["stage"] for e in result.evals] == ["start", "transfer"]
+    assert result.evals[0]["perplexity"] == pytest.approx(perplexity(model, first, window=16).perplexity, rel=1e-5)
 
 
 def test_chunked_loss_equals_the_models_loss(data):

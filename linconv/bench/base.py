@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from linconv.models import position_limit
+
 ROLES = ("original", "linearized")  # the models compared, in the order tables and JSON list them
 
 
@@ -39,3 +41,9 @@ def per_role(results: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any
 def ratio(a: float | None, b: float | None) -> float | None:
     """``a / b``, or None when either is missing (or ``b`` is 0)."""
     return a / b if a is not None and b else None
+
+
+def position_limit_of(models) -> int | None:
+    """The fewest tokens any of ``models`` takes (None: no hard limit)."""
+    limits = [n for m in models if (n := position_limit(m.config)) is not None]
+    return min(limits, default=None)

@@ -18,10 +18,11 @@ without a checkpoint the default model is loaded once, converted in memory, and 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import transformers
 from torch import nn
 
-from linconv.bench.base import ROLES, BenchInputs, weights_bytes
+from linconv.bench.base import ROLES, BenchInputs, position_limit_of, weights_bytes
 from linconv.bench.speed import parse_contexts
 from linconv.bench.tasks import DEFAULT_TASKS, TASKS, check_names, run_order
 from linconv.config import parse_dtype
@@ -115,6 +116,8 @@ class BenchSettings:
             values["memory_budget_gib"] = defaults["memory_budget_gib"]
         values["contexts"] = tuple(parse_contexts(values["contexts"]))
         parse_dtype(values["dtype"])
+        if values["threads"] is not None and values["threads"] <= 0:
+            raise LinconvError(f"--threads must be > 0, got {values['threads']}")
         values["threads"] = values["threads"] or torch.get_num_threads()
         out = BenchSettings(**values)
         check_names(out.tasks)
@@ -128,10 +131,10 @@ class BenchSettings:
             "max-length start": out.max_len_start,
         }
         for name, value in positive.items():
-            if value is None or value <= 0:
-                raise LinconvError(f"{name} must be > 0, got {value}")
-        if out.memory_budget_gib is not None and out.memory_budget_gib <= 0:
-            raise LinconvError(f"--memory-budget must be > 0 GiB, got {out.memory_budget_gib}")
+            if value is None or not 0 < value < math.inf:  # also refuses nan
+                raise LinconvError(f"{name} must be > 0 and finite, got {value}")
+        if out.memory_budget_gib is not None and not 0 < out.memory_budget_gib < math.inf:
+            raise LinconvError(f"--memory-budget must be > 0 GiB and finite, got {out.memory_budget_gib}")
         if out.ppl_window < 2:
             raise LinconvError(f"--ppl-window must be at least 2 tokens, got {out.ppl_window}")
         if out.ppl_tokens is not None and out.ppl_tokens < 0:
@@ -152,6 +155,7 @@ class BenchResult:
     results: dict[str, Any] = field(default_factory=dict)  # task name -> what its run returned (see linconv.bench.tasks)
     completed: list[str] = field(default_factory=list)  # tasks finished
     errors: list[dict] = field(default_factory=list)  # {"task", "message"}
+    notes: list[str] = field(default_factory=list)  # settings changed to fit the models (position limits)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -210,6 +214,26 @@ def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | No
     return model, tok, name, base, base_tok, source
 
 
+def fit_positions(s: BenchSettings, limit: int | None) -> tuple[BenchSettings, str | None]:
+    """``s`` cut to models that take at most ``limit`` tokens (learned position embeddings, GPT-2):
+    lengths past it cannot be run at all. Returns the settings and a note saying what changed."""
+    if limit is None:
+        return s, None
+    fits = tuple(c for c in s.contexts if c + s.decode_tokens <= limit) or (max(1, limit - s.decode_tokens),)
+    changes = {
+        "contexts": fits,
+        "ppl_window": min(s.ppl_window, limit),
+        "max_len_cap": min(s.max_len_cap, limit - s.maxlen_new_tokens),
+        "spec_tokens": min(s.spec_tokens, limit // 4),
+    }
+    changed = {k: v for k, v in changes.items() if v != getattr(s, k)}
+    if not changed:
+        return s, None
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    listed = "; ".join(f"{k.replace('_', ' ')} {show(getattr(s, k))} -> {show(v)}" for k, v in changed.items())
+    return replace(s, **changed), f"the models take at most {limit} tokens (learned positions): {listed}"
+
+
 def run_bench(
     settings: BenchSettings, *, on_update: Callable[[BenchResult], None] | None = None, progress: Progress = SILENT
 ) -> BenchResult:
@@ -219,7 +243,7 @@ def run_bench(
     torch.set_num_threads(s.threads)
     try:
         result, inputs = _prepare(s, progress)
-        _run_tasks(result, inputs, s, progress, on_update)
+        _run_tasks(result, inputs, result.settings, progress, on_update)
         return result
     finally:
         torch.set_num_threads(threads)
@@ -233,10 +257,11 @@ def _prepare(s: BenchSettings, progress: Progress) -> tuple[BenchResult, BenchIn
     progress.update("setup", 0, detail="loading the models…")
     model, tok, name, base, base_tok, base_name = _load_models(s, device, dtype)
     models, names = {"original": base, "linearized": model}, {"original": base_name, "linearized": name}
+    s, note = fit_positions(s, position_limit_of(m for m in models.values() if m is not None))
     inputs = BenchInputs(
         {role: models[role] for role in ROLES if models[role] is not None}, {"original": base_name, "linearized": s.checkpoint}, device
     )
-    result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads))
+    result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads), notes=[note] if note else [])
     result.models = {role: model_info(m, names[role]) for role, m in inputs.models.items()}
     if base is not None and not same_tokenizer(tok, base_tok):
         raise LinconvError(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from linconv.bench.base import BenchInputs
+from linconv.bench.base import BenchInputs, position_limit_of
 from linconv.errors import LinconvError
 from linconv.generate import generate
 from linconv.progress import Progress
@@ -45,7 +45,10 @@ class SpecPoint:
         return asdict(self) | {"speedup": self.speedup}
 
 
-def spec_prompts(tokens: list[int], length: int = 384) -> dict[str, list[int]]:
+SPEC_PASSAGE = 384  # tokens of the passage of the speculative-decoding prompts
+
+
+def spec_prompts(tokens: list[int], length: int = SPEC_PASSAGE) -> dict[str, list[int]]:
     """Token prompts from held-out text: a passage followed by its own first half (grounded), and
     the next stretch of text alone (open)."""
     length = min(length, len(tokens) // 2)
@@ -79,7 +82,9 @@ def spec_decode_point(model: nn.Module, name: str, kind: str, prompt: list[int],
 
 def run_spec(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> list[SpecPoint]:
     """Every model on both prompt kinds, drafting by prompt lookup: one point per model and kind."""
-    prompts = spec_prompts(inputs.tokens.tolist())
+    limit = position_limit_of(inputs.models.values())
+    passage = SPEC_PASSAGE if limit is None else min(SPEC_PASSAGE, (limit - s.spec_tokens) * 2 // 3)  # grounded: 1.5 passages
+    prompts = spec_prompts(inputs.tokens.tolist(), passage)
     points = []
     for role, model in inputs.models.items():
         task = f"speculative · {role}"

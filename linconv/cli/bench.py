@@ -10,6 +10,7 @@ import typer
 from linconv import report
 from linconv.bench.run import CPU_DEFAULTS, CUDA_DEFAULTS, BenchSettings, run_bench
 from linconv.bench.tasks import DEFAULT_TASKS, TASKS
+from linconv.checkpoint import check_output
 from linconv.cli.common import console, friendly, parse_device
 from linconv.cli.progress import RichProgress
 from linconv.errors import LinconvError
@@ -87,6 +88,9 @@ def bench_command(
     """Measure perplexity, max sequence length, tokens/s and causality, original vs linearized."""
     if plot is not None and plot.suffix.lower() != ".png":
         raise LinconvError(f"--plot must name a .png file, got {plot}")
+    for path in (json_path, plot):
+        if path is not None:
+            check_output(path, folder=False, inputs=(checkpoint,))
     settings = BenchSettings(
         checkpoint=checkpoint,
         baseline=baseline,

@@ -11,20 +11,18 @@ from linconv import report
 from linconv.cli.common import console, friendly, parse_device
 from linconv.config import parse_dtype
 from linconv.convert import load_or_convert
+from linconv.data import read_text_file
 from linconv.errors import LinconvError
 from linconv.generate import Sampler, check_options, default_stop_ids, generate
 from linconv.speculative.decode import speculative_generate
-from linconv.speculative.drafts import make_draft
+from linconv.speculative.drafts import check_draft, make_draft
 
 
 def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
     if (prompt is None) == (prompt_file is None):
         raise LinconvError("give exactly one of --prompt TEXT or --prompt-file FILE")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LinconvError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+        prompt = read_text_file(prompt_file, "--prompt-file")
     if not prompt.strip():
         raise LinconvError("the prompt is empty")
     return prompt
@@ -103,12 +101,15 @@ def generate_command(
     """Generate text from a linearized checkpoint, streaming it as it comes; a last line gives tokens/s."""
     text = _prompt_text(prompt, prompt_file)
     check_options(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
+    widths = _widths(tree_widths) if spec_decode else []
+    if spec_decode:
+        check_draft(draft, checkpoint, draft_tokens=draft_tokens, tree_widths=widths)
     model, tokenizer = _load(checkpoint, parse_dtype(dtype), parse_device(device))
     ids = _encode(tokenizer, text, checkpoint is None if chat is None else chat, chat is not None)
 
     if spec_decode:
         sampler = Sampler(temperature, top_k, top_p, seed)
-        return _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, sampler, max_new_tokens, prefill_chunk)
+        return _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, widths, sampler, max_new_tokens, prefill_chunk)
 
     def stream(row: int, token: int, piece: str) -> None:
         if piece:
@@ -131,11 +132,14 @@ def generate_command(
     console.print(report.generation_line(result), highlight=False, soft_wrap=True)
 
 
-def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, tree_widths, sampler, max_new_tokens, prefill_chunk) -> None:
+def _widths(tree_widths: str) -> list[int]:
     try:
-        widths = [int(w) for w in tree_widths.split(",")]
+        return [int(w) for w in tree_widths.split(",")]
     except ValueError:
         raise LinconvError(f"--tree-widths takes comma-separated numbers, got {tree_widths!r}") from None
+
+
+def _speculative(model, tokenizer, checkpoint, ids, draft, draft_tokens, widths, sampler, max_new_tokens, prefill_chunk) -> None:
     drafter = make_draft(draft, model, tokenizer, checkpoint, draft_tokens=draft_tokens, tree_widths=widths)
     result = speculative_generate(
         model, ids, drafter, max_new_tokens=max_new_tokens, stop_ids=default_stop_ids(model), prefill_chunk=prefill_chunk, sampler=sampler

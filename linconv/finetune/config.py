@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,9 +52,9 @@ class FinetuneConfig:
             if getattr(self, name) < 0:
                 raise LinconvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "transfer_lr", "medusa_lr"):
-            if not getattr(self, name) > 0:
-                raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            if not 0 < getattr(self, name) < math.inf:  # nan and inf train NaN weights
+                raise LinconvError(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(self, name)}")
+        if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
             raise LinconvError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.warmup < 1:
             raise LinconvError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer
 
-from linconv.checkpoint import linconv_config, load, save_checkpoint
+from linconv.checkpoint import check_output, linconv_config, load, save_checkpoint
 from linconv.errors import LinconvError
 from linconv.finetune.card import finetune_card, read_card
 from linconv.finetune.config import FinetuneConfig, FinetuneResult, StageResult
@@ -21,8 +21,10 @@ from linconv.finetune.distributed import accelerator, barrier
 from linconv.finetune.loop import Trainer
 from linconv.finetune.resume import PROGRESS, ResumeState, load_optimizer, load_tensors, resume_folder
 from linconv.finetune.stages import STAGES, Stage, planned
+from linconv.models import position_limit
 from linconv.models.hf import linconv_tensor_names
 from linconv.progress import SILENT, Progress
+from linconv.sources import check_safetensors
 
 
 class Run:
@@ -56,6 +58,10 @@ class Run:
         """Tokenizer, windows and model; the cheap checks first, so that mistakes fail before the weights load."""
         cfg = self.cfg
         config = _checkpoint_config(self.checkpoint)
+        check_safetensors(self.checkpoint)
+        limit = position_limit(config)
+        if limit is not None and cfg.seq_len > limit:
+            raise LinconvError(f"--seq-len {cfg.seq_len} is more than the {limit} positions of this model; use at most {limit}")
         saved = config.get("dtype") or config.get("torch_dtype") or "float32"
         self.save_dtype = getattr(torch, str(saved).removeprefix("torch."), torch.float32)
         for stage, _ in self.plan:
@@ -195,8 +201,7 @@ def _check_paths(checkpoint: Path, output: Path, partial: Path, resume: bool, ov
         raise LinconvError(f"OUTPUT {output} is inside CHECKPOINT {checkpoint}; write the fine-tuned model to a folder outside it")
     if out in ck.parents:
         raise LinconvError(f"CHECKPOINT {checkpoint} is inside OUTPUT {output}; choose another OUTPUT")
-    if output.exists() and not overwrite:
-        raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite=overwrite)
     if resume and not (partial / PROGRESS).is_file():
         raise LinconvError(f"nothing to resume: no resume checkpoint at {partial} (one is written every --save-every steps and on Ctrl-C)")
     if not resume and partial.exists() and not overwrite:
