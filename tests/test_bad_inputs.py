@@ -256,3 +256,35 @@ def test_bad_input_is_one_line_and_leaves_nothing(case: Case, world: Path, tmp_p
     assert case.message in lines[0], lines[0]
     assert snapshot(w) == before, "the command left something behind"
     assert snapshot(world) == inputs, "the command changed its inputs"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["convert"], "Missing argument"),
+        (["bench", "--threads", "abc"], "Invalid value for '--threads'"),
+        (["generate", "--nope"], "No such option: --nope"),
+        (["frobnicate"], "No such command"),
+    ],
+    ids=["missing argument", "not an integer", "unknown option", "unknown command"],
+)
+def test_usage_errors_are_one_line_and_exit_1(args, says):
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], result.output
+
+
+def test_an_unexpected_exception_is_one_line_unless_debugging(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr("linconv.cli.convert.load_and_convert", broken)
+    args = ["convert", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: KeyError: 'boom'"), result.output
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("LINCONV_DEBUG", "1")
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, KeyError)  # the traceback is let through
