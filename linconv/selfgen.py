@@ -126,7 +126,7 @@ class SelfGenConfig:
     max_new_tokens: int = 256  # per answer
     temperature: float = 0.9
     top_p: float = 0.95
-    batch_size: int = 16  # prompts per generate call (a softmax model pads them: one batch)
+    batch_size: int = 32  # prompts per generate call (one padded batch); decode tok/s on 1 CPU thread: 31 at 16, 47 at 32, 52 at 64
     seed: int = 0
 
     def validate(self) -> SelfGenConfig:
@@ -143,6 +143,7 @@ class SelfGenText:
     path: Path  # the cache file
     tokens: int  # text tokens in ``text`` (prompt and answer ids as generated)
     documents: int
+    ended: int  # answers that ended by themselves (the others stopped at max_new_tokens)
     generated_tokens: int  # tokens sampled for these documents
     seconds: float  # generation time of these documents, measured when they were made
     new_tokens: int  # sampled by this call (0: all read from the cache)
@@ -207,8 +208,8 @@ def _batch(model, tokenizer, cfg: SelfGenConfig, b: int) -> dict:
     for prompt, answer, tokens, reason in zip(prompts, out.texts, out.tokens, out.finish_reasons):
         end = tokenizer.decode(tokens[-1:], skip_special_tokens=False) if reason == "stop_token" else ""
         texts.append(prompt + answer + end)  # the end-of-turn token too: the text keeps the chat format
-    generated = sum(map(len, out.tokens))
-    return {"texts": texts, "tokens": sum(map(len, ids)) + generated, "generated": generated, "seconds": seconds}
+    generated, ended = sum(map(len, out.tokens)), out.finish_reasons.count("stop_token")
+    return {"texts": texts, "tokens": sum(map(len, ids)) + generated, "generated": generated, "ended": ended, "seconds": seconds}
 
 
 def _read(path: Path, key: str) -> list[dict]:
@@ -265,6 +266,7 @@ def self_generated_text(
         path=path,
         tokens=have(used),
         documents=len(texts),
+        ended=sum(b["ended"] for b in used),
         generated_tokens=sum(b["generated"] for b in used),
         seconds=sum(b["seconds"] for b in used),
         new_tokens=new,

@@ -39,7 +39,7 @@ def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
     tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     grads = {p: p.requires_grad for p in model.parameters()}
     disabled = [m.disable_adapters for m in tuners]
-    training = model.training
+    modes = {m: m.training for m in model.modules()}
     try:
         for m in attns:
             m.teacher = True
@@ -49,7 +49,8 @@ def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             yield model
     finally:
-        model.train(training)
+        for m, mode in modes.items():
+            m.training = mode  # per module: train() would recurse
         for m in attns:
             m.teacher = False
         for m, was in zip(tuners, disabled):

@@ -135,13 +135,15 @@ def test_teacher_disables_lora_adapters_and_restores_them(wrapped):
     model.train()
     for name, p in model.named_parameters():
         p.requires_grad_("lora_B" in name)  # peft's own re-enabling would unfreeze lora_A
+    next(m for m in model.modules() if isinstance(m, LinconvAttention)).eval()  # a mixed train/eval model
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = [m.training for m in model.modules()]
     with torch.no_grad():
         student = logits(model)
     assert (student - without).abs().max() > 1e-2  # the adapters change the output
     with teacher_mode(model):
         torch.testing.assert_close(logits(model), logits(original).detach(), atol=1e-5, rtol=1e-5)
-    assert model.training
+    assert [m.training for m in model.modules()] == modes
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     with torch.no_grad():
         torch.testing.assert_close(logits(model), student)
