@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import linconv
+from linconv import selfgen
 from linconv.bench.perplexity import perplexity
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
 from linconv.finetune import STAGES, FinetuneConfig, finetune, lora_target_modules, resume_folder
-from linconv.loss import lm_loss
+from linconv.loss import distill_loss, lm_loss
 from linconv.models.hf import linconv_tensor_names
 from linconv.progress import Progress
 from linconv.speculative.medusa import MedusaHeads, load_medusa, medusa_loss, save_medusa
@@ -540,3 +541,59 @@ def test_recipe_options_are_overridden_by_explicit_ones():
     assert recipe.options("finetune", {"lr": None, "seq_len": 8, "lora_rank": None}) == {"lr": 0.5, "seq_len": 8}
     assert recipe.options("convert", {"attention": "relu", "group_size": None}) == {"group_size": 32, "attention": "relu"}
     FinetuneConfig(**recipe.options("finetune", {})).validate()
+
+
+# --------------------------------------------------------------------------------- distillation and own text
+
+
+@pytest.mark.parametrize("loss", ["kl", "mix"])
+def test_distillation_loss_trains_toward_the_original(data, tmp_path, loss):
+    """--loss kl/mix: the LoRA stage's loss is distill_loss (checked against it at step 0) and falls.
+    An elu model with loud attention and sharp logits starts far from its original: something to learn."""
+    original = tiny_model("llama")
+    with torch.no_grad():
+        original.model.norm.weight.mul_(50)
+        for layer in original.model.layers:
+            layer.self_attn.o_proj.weight.mul_(30)
+    model = linconv.convert(original, linconv.LinearizeConfig(attention="elu"))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "elu", card={"made_by": "test"})
+    options = dict(text=str(data / "one.txt"), seq_len=16, batch_size=1, transfer_steps=0, lora_steps=8, lr=1e-4, warmup=0.0, loss=loss)
+    result = finetune(tmp_path / "elu", tmp_path / "out", FinetuneConfig(**options), device="cpu")
+    losses = result.stages[0].losses
+    window = tiny_tokenizer()(_CORPUS[1])["input_ids"][:16]
+    expected = distill_loss(model, torch.tensor([window]), alpha=0.5 if loss == "mix" else 0.0).item()
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+    assert losses[-1] < 0.97 * losses[0] and sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_text_mix_trains_on_text_the_original_wrote(data, tmp_path, monkeypatch):
+    """--text-mix selfgen:0.5 samples the original's own text once (cached) and mixes it in."""
+    monkeypatch.setenv("LINCONV_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = selfgen.self_generated_text
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out.new_tokens)
+        return out
+
+    monkeypatch.setattr(selfgen, "self_generated_text", spy)
+    small = dict(lora_steps=2, text_mix="selfgen:0.5")
+    run(data, tmp_path / "a", **small)
+    run(data, tmp_path / "b", **small)
+    assert len(calls) == 2 and calls[0] > 0 and calls[1] == 0  # sampled once, then read from the cache
+    assert list((tmp_path / "cache" / "selfgen").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (dict(loss="xent"), "unknown --loss"),
+        (dict(kl_temperature=float("nan")), "--kl-temperature"),
+        (dict(mix_alpha=1.5), "--mix-alpha"),
+        (dict(text_mix="wiki:0.5"), "wiki"),
+    ],
+)
+def test_distillation_options_are_checked(options, says):
+    with pytest.raises(LinconvError, match=says):
+        FinetuneConfig(**options).validate()

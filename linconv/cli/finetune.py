@@ -93,6 +93,15 @@ def finetune_command(
         float | None, typer.Option(help=f"Fraction of each stage's steps spent warming the learning rate up ({_by_recipe(_D.warmup)}).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order, LoRA init and dropout.")] = _D.seed,
+    loss: Annotated[
+        str | None, typer.Option(help="LoRA-stage loss: ce (next token), kl (distil the original model) or mix (default: the recipe's).")
+    ] = None,
+    kl_temperature: Annotated[float, typer.Option(help="Temperature of the distillation KL.")] = _D.kl_temperature,
+    mix_alpha: Annotated[float, typer.Option(help="With --loss mix: weight of CE; KL gets 1 - alpha.")] = _D.mix_alpha,
+    text_mix: Annotated[
+        str | None,
+        typer.Option(help="selfgen:F — a share F of the training tokens written by the original model itself (sampled once, cached)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto (under accelerate launch / torchrun each process gets its own).")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 mixed-precision autocast (CUDA).")] = "fp32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT (and any stale OUTPUT.partial).")] = False,
@@ -122,6 +131,10 @@ def finetune_command(
         gradient_checkpointing=gradient_checkpointing,
         dtype=dtype,
         seed=seed,
+        loss=loss,
+        kl_temperature=kl_temperature,
+        mix_alpha=mix_alpha,
+        text_mix=text_mix,
     )
     with RichProgress(width=8) as progress:
         result = finetune(checkpoint, output, config, resume=resume, overwrite=overwrite, device=device, progress=progress)

@@ -6,9 +6,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from linconv.data import parse_text_mix
 from linconv.errors import LinconvError
 from linconv.finetune.stages import STAGES, planned
+from linconv.selfgen import SOURCE as SELFGEN
 
+LOSSES = ("ce", "kl", "mix")  # of the LoRA stage; kl and mix distil the original model (linconv.loss.distill_loss)
 PRECISIONS = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 # options that do not change what is trained: they may differ between a run and its resume
 _NOT_FINGERPRINTED = {"eval_every", "eval_windows", "eval_text", "save_every", "merge", "gradient_checkpointing"}
@@ -42,6 +45,10 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     dtype: str = "fp32"  # fp32, or bf16 / fp16 autocast (CUDA)
     seed: int = 0
+    loss: str = "ce"  # LoRA stage: ce (next token), kl (distil the original's distribution) or mix
+    kl_temperature: float = 1.0
+    mix_alpha: float = 0.5  # with loss "mix": alpha * CE + (1 - alpha) * KL
+    text_mix: str = ""  # e.g. "selfgen:0.5": that share of the training tokens written by the original model itself
 
     def validate(self) -> FinetuneConfig:
         positive = ("seq_len", "batch_size", "grad_accum", "lora_rank", "eval_windows")
@@ -60,6 +67,13 @@ class FinetuneConfig:
             raise LinconvError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.seq_len < 2:
             raise LinconvError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if self.loss not in LOSSES:
+            raise LinconvError(f"unknown --loss {self.loss!r}; choose from: {', '.join(LOSSES)}")
+        if not 0 < self.kl_temperature < math.inf:
+            raise LinconvError(f"--kl-temperature must be > 0 and finite, got {self.kl_temperature}")
+        if not 0 <= self.mix_alpha <= 1:
+            raise LinconvError(f"--mix-alpha is a weight in [0, 1], got {self.mix_alpha}")
+        parse_text_mix(self.text_mix, (SELFGEN,))
         if self.dtype not in PRECISIONS:
             raise LinconvError(f"unknown --dtype {self.dtype!r}; choose from: fp32, bf16, fp16")
         if not self.stages():

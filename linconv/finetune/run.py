@@ -4,6 +4,7 @@ interrupted run where it stopped), and write the fine-tuned checkpoint with its 
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from linconv import selfgen
 from linconv.checkpoint import check_output, linconv_config, load, save_checkpoint
+from linconv.data import mix_windows, parse_text_mix, tokenize, windows
 from linconv.errors import LinconvError
 from linconv.finetune.card import finetune_card, read_card
 from linconv.finetune.config import FinetuneConfig, FinetuneResult, StageResult
@@ -81,9 +84,31 @@ class Run:
         self.new_params = [n for n in linconv_tensor_names(self.model) if n in params]
         self.model.requires_grad_(False)
         self.card = read_card(self.checkpoint)
+        share = parse_text_mix(cfg.text_mix, (selfgen.SOURCE,)).get(selfgen.SOURCE, 0.0)
+        if share:
+            train = self._mix_own_text(train, share)
         order = WindowOrder(train, cfg.batch_size, cfg.grad_accum, cfg.seed, self.world, self.rank)
         evals = list(self.state.evals) if self.state is not None else []
         self.trainer = Trainer(self.acc, cfg, self.model, order, heldout, self.progress, self.partial, evals)
+
+    def _mix_own_text(self, train: Tensor, share: float) -> Tensor:
+        """``train`` windows mixed with text the original model writes itself (sampled once per base
+        model and cached; the main process samples, the others read the cache)."""
+        cfg = self.cfg
+        steps = sum(n for _, n in self.plan)
+        tokens = math.ceil(1.1 * share * steps * cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len)
+        gen = None
+        if self.main:
+            gen = selfgen.self_generated_text(self.model, self.tokenizer, selfgen.SelfGenConfig(tokens=tokens), progress=self.progress)
+            self.progress.message(
+                f"self-generated text: {gen.tokens:,} tokens in {gen.documents} documents, {gen.path} "
+                f"({'sampled now in' if gen.new_tokens else 'cached; sampled in'} {gen.seconds:.0f} s)"
+            )
+        barrier(self.acc)
+        if gen is None:
+            gen = selfgen.self_generated_text(self.model, self.tokenizer, selfgen.SelfGenConfig(tokens=tokens))
+        own = windows(tokenize(self.tokenizer, gen.text), cfg.seq_len)
+        return mix_windows([(train, 1 - share), (own, share)], cfg.seed)
 
     def run(self) -> FinetuneResult:
         """Every planned stage in order; those finished before an interruption only rebuild their structure."""

@@ -11,7 +11,8 @@ class here and listing it in :data:`STAGES` (its options, if new, go into ``Fine
    the softmax output on, so each layer learns against the original activations; the loss is the
    sum of the per-layer MSEs and only linconv's new attention parameters train.
 2. :class:`LoRA` — peft LoRA on the chosen attention projections plus the new attention parameters
-   (trained fully), causal-LM loss computed from the last hidden state a chunk of logits at a time.
+   (trained fully); causal-LM loss or distillation from the original model (``--loss``), computed
+   from the last hidden state a chunk of logits at a time.
 3. :class:`Medusa` — Medusa draft heads on the frozen (fine-tuned) model, loss = Σ over heads of CE.
 """
 
@@ -29,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 from linconv.attention.module import LinconvAttention
 from linconv.errors import LinconvError
 from linconv.finetune.data import mix
-from linconv.loss import lm_loss, model_parts
+from linconv.loss import distill_loss, lm_loss, model_parts
 from linconv.models import get_adapter
 from linconv.speculative.medusa import MEDUSA_WEIGHTS, MedusaHeads, medusa_loss, save_medusa
 
@@ -171,7 +172,12 @@ class LoRA(Stage):
         return trainable
 
     def loss(self, ids: Tensor) -> Tensor:
-        return lm_loss(self.model, ids)
+        """Next-token CE, or distillation from the original model (the same weights with softmax
+        attention and the adapters off): KL, or alpha * CE + (1 - alpha) * KL."""
+        cfg = self.cfg
+        if cfg.loss == "ce":
+            return lm_loss(self.model, ids)
+        return distill_loss(self.model, ids, temperature=cfg.kl_temperature, alpha=cfg.mix_alpha if cfg.loss == "mix" else 0.0)
 
     def teardown(self) -> None:
         super().teardown()
