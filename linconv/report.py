@@ -293,6 +293,9 @@ def bench_json(result) -> dict:
         "speed": None,
         "leakage": None,
         "spec": [p.to_dict() for p in result.spec] or None,
+        "downstream": result.downstream.to_json() if result.downstream else None,
+        "long_perplexity": result.long_perplexity.to_json() if result.long_perplexity else None,
+        "passkey": result.passkey.to_json() if result.passkey else None,
         "completed": list(result.completed),
         "errors": list(result.errors),
     }

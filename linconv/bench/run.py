@@ -1,7 +1,8 @@
 """``linconv bench`` as a library call: load the linearized model and its baseline, run the chosen
 tasks for both, and return every figure in one :class:`BenchResult`.
 
-Tasks run in a fixed order, cheapest first: leakage, perplexity (``ppl``), speed, max length
+Tasks run in a fixed order, cheapest first: leakage, perplexity (``ppl``), speed, the evaluations
+(``downstream``, ``longppl``, ``passkey``), max length
 (``maxlen``). ``on_update(result)`` is called after every task, so a caller that saves the result
 there keeps everything measured so far when a later task fails or the run is interrupted. A task
 that fails stops the run: its error is recorded in ``result.errors`` and the function returns
@@ -28,8 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from linconv.bench import ROLES
+from linconv.bench.downstream import DEFAULT_EVAL_TASKS, DownstreamResult, parse_eval_tasks
+from linconv.bench.evaluations import run_evaluation
 from linconv.bench.leakage import LeakageResult, leakage_check
+from linconv.bench.longppl import LongPplResult
 from linconv.bench.maxlen import GIB, MODES, CudaTrial, MaxLenResult, ProcessTrial, cuda_budget, max_length
+from linconv.bench.passkey import PasskeyResult, parse_depths, parse_lengths
 from linconv.bench.perplexity import PerplexityResult, perplexity
 from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
 from linconv.bench.speed import SpeedResult, parse_contexts, speed
@@ -39,11 +45,11 @@ from linconv.errors import LinconvError
 from linconv.speculative.drafts import PromptLookup
 
 SCHEMA_VERSION = 1
-TASKS = ("ppl", "maxlen", "speed", "leakage", "spec")
+TASKS = ("ppl", "maxlen", "speed", "leakage", "spec", "downstream", "longppl", "passkey")
 DEFAULT_TASKS = ("ppl", "maxlen", "speed", "leakage")  # spec: `linconv bench --spec-decode`
-ORDER = ("leakage", "ppl", "speed", "spec", "maxlen")  # run order: cheapest first, the long search last
+# run order: cheapest first, the long search last
+ORDER = ("leakage", "ppl", "speed", "spec", "downstream", "longppl", "passkey", "maxlen")
 DEFAULT_SOURCE = "default:SmolLM2-135M-Instruct"
-ROLES = ("original", "linearized")
 
 # CPU defaults: `linconv bench` of the default model (135M, fp32) in about 12 minutes on 2 quiet cores.
 # A max-length trial process holds ~1.0 GB with the model loaded; prefill in chunks of 512 keeps the
@@ -62,6 +68,8 @@ CPU_DEFAULTS = dict(
     decode_tokens=16,
     prefill_chunk=512,
     ppl_tokens=16384,
+    passkey_lengths=(1024, 2048, 4096),  # the original's 4K prefill takes ~10 s; 5 depths x 2 trials
+    passkey_trials=2,
 )
 # CUDA: the whole device unless --memory-budget; a CUDA trial cannot be interrupted, so the time limit
 # is checked when it ends and the cap bounds the longest trial.
@@ -76,6 +84,8 @@ CUDA_DEFAULTS = dict(
     decode_tokens=64,
     prefill_chunk=2048,
     ppl_tokens=131072,
+    passkey_lengths=(1024, 2048, 4096, 8192, 16384),
+    passkey_trials=5,
 )
 
 Progress = Callable[[str, float, float | None, str], None]  # (label, completed, total or None, detail)
@@ -105,6 +115,13 @@ class BenchSettings:
     spec_tokens: int = 64  # tokens generated per speculative-decoding measurement
     ppl_tokens: int | None = None  # 0: the whole text
     threads: int | None = None
+    eval_tasks: tuple[str, ...] = DEFAULT_EVAL_TASKS  # downstream: lm-evaluation-harness tasks and next_line
+    eval_limit: int | None = None  # downstream: items per task
+    eval_include: str | None = None  # downstream: a folder of the user's own lm-evaluation-harness tasks
+    long_tokens: int = 32768  # longppl: tokens of the text read
+    passkey_lengths: tuple[int, ...] | None = None
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_trials: int | None = None
 
     def resolve(self) -> BenchSettings:
         """Fill device defaults and check every option (LinconvError on the first bad one)."""
@@ -118,6 +135,9 @@ class BenchSettings:
         if values["memory_budget_gib"] is None:
             values["memory_budget_gib"] = defaults["memory_budget_gib"]
         values["contexts"] = tuple(parse_contexts(values["contexts"]))
+        values["eval_tasks"] = parse_eval_tasks(values["eval_tasks"])
+        values["passkey_lengths"] = parse_lengths(values["passkey_lengths"])
+        values["passkey_depths"] = parse_depths(values["passkey_depths"])
         parse_dtype(values["dtype"])
         values["threads"] = values["threads"] or torch.get_num_threads()
         out = BenchSettings(**values)
@@ -146,6 +166,14 @@ class BenchSettings:
             raise LinconvError(f"--spec-tokens must be > 0, got {out.spec_tokens}")
         if out.decode_tokens < 2:
             raise LinconvError(f"--decode-tokens must be at least 2, got {out.decode_tokens}")
+        if out.eval_limit is not None and out.eval_limit <= 0:
+            raise LinconvError(f"--eval-limit must be > 0, got {out.eval_limit}")
+        if out.eval_include is not None and not Path(out.eval_include).is_dir():
+            raise LinconvError(f"--eval-include {out.eval_include} is not a folder")
+        if out.long_tokens < 2:
+            raise LinconvError(f"--long-tokens must be at least 2, got {out.long_tokens}")
+        if out.passkey_trials <= 0:
+            raise LinconvError(f"--passkey-trials must be > 0, got {out.passkey_trials}")
         return out
 
 
@@ -160,6 +188,9 @@ class BenchResult:
     speed: dict[str, SpeedResult] = field(default_factory=dict)  # role -> result
     leakage: LeakageResult | None = None  # the linearized model only
     spec: list[SpecPoint] = field(default_factory=list)  # model x prompt kind
+    downstream: DownstreamResult | None = None
+    long_perplexity: LongPplResult | None = None
+    passkey: PasskeyResult | None = None
     completed: list[str] = field(default_factory=list)  # tasks finished
     errors: list[dict] = field(default_factory=list)  # {"task", "message"}
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -280,17 +311,21 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
         )
 
     tokens = None
-    if "ppl" in s.tasks or "spec" in s.tasks:
-        if tok is None:
-            raise LinconvError(
-                f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop ppl/spec from --tasks"
-            )
+    needs_tokenizer = [t for t in s.tasks if t in ("ppl", "spec", "longppl", "downstream", "passkey")]
+    if needs_tokenizer and tok is None:
+        raise LinconvError(
+            f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop "
+            f"{', '.join(needs_tokenizer)} from --tasks"
+        )
+    if {"ppl", "spec", "longppl"} & set(s.tasks):
         say("reading the text…")
         spec, split = (None, s.text) if s.text in SPLITS else (s.text, "heldout")
         text = load_text(spec, split)
         tokens = tokenize(tok, text)
         usable = windows(tokens, s.ppl_window, s.ppl_tokens or None)  # raises when shorter than one window
         result.text = {"source": s.text or "heldout", "characters": len(text), "tokens": tokens.numel(), "tokens_used": usable.numel()}
+        if "longppl" in s.tasks and tokens.numel() < s.long_tokens:
+            raise LinconvError(f"the text has {tokens.numel():,} tokens, fewer than --long-tokens {s.long_tokens:,}")
     if "maxlen" in s.tasks and s.memory_budget_gib is not None:
         budget = int(s.memory_budget_gib * GIB)
         for role, m in models.items():
@@ -310,6 +345,9 @@ def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], N
         "ppl": lambda: _perplexity(result, both(), tokens, s, progress),
         "speed": lambda: _speed(result, both(), s, progress),
         "spec": lambda: _spec(result, both(), tokens, s, progress),
+        "downstream": lambda: run_evaluation("downstream", result, both(), tok, s, progress),
+        "longppl": lambda: run_evaluation("longppl", result, both(), tok, s, progress, tokens),
+        "passkey": lambda: run_evaluation("passkey", result, both(), tok, s, progress),
         "maxlen": lambda: _maxlen(result, both(), s, device, progress, say, {"linearized": s.checkpoint, "original": base_name}),
     }
     for task in ORDER:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from linconv.bench.downstream import DEFAULT_EVAL_TASKS
 from linconv.cli.common import console, friendly, parse_device
 from linconv.errors import LinconvError
 
@@ -31,7 +32,11 @@ def bench_command(
         help="Perplexity text: a file, a folder of .txt, a datasets name, or a built-in split (heldout, britannica). Default: heldout.",
     ),
     tasks: str = typer.Option(
-        "ppl,maxlen,speed,leakage", help="Comma-separated tasks: ppl, maxlen, speed, leakage (and spec, which --spec-decode adds)."
+        "ppl,maxlen,speed,leakage",
+        help=(
+            "Comma-separated tasks: ppl, maxlen, speed, leakage (and spec, which --spec-decode adds); the evaluations "
+            "downstream (lm-evaluation-harness accuracy), longppl (perplexity by position) and passkey (retrieval)."
+        ),
     ),
     memory_budget: float | None = typer.Option(
         None,
@@ -61,8 +66,20 @@ def bench_command(
         help="Also measure greedy speculative decoding (prompt lookup) vs plain decoding, on grounded and open prompts.",
     ),
     spec_tokens: int = typer.Option(64, help="Tokens generated per speculative-decoding measurement."),
+    eval_tasks: str = typer.Option(
+        ",".join(DEFAULT_EVAL_TASKS),
+        help="downstream: lm-evaluation-harness tasks, and next_line (built-in, offline: the true next line of a play among 4).",
+    ),
+    eval_limit: int | None = typer.Option(None, help="downstream: at most this many items per task (quick runs)."),
+    eval_include: Path | None = typer.Option(None, help="downstream: a folder of your own lm-evaluation-harness task YAMLs."),
+    long_tokens: int = typer.Option(32768, help="longppl: tokens of the text read as one document (buckets 0-1K, 1-2K, 2-4K, ...)."),
+    passkey_lengths: str | None = typer.Option(None, help=f"passkey: prompt lengths in tokens, e.g. 1K,4K ({_d('passkey_lengths')})."),
+    passkey_depths: str = typer.Option("0,0.25,0.5,0.75,1", help="passkey: depths of the key in the filler, 0 = start, 1 = end."),
+    passkey_trials: int | None = typer.Option(None, help=f"passkey: keys per (length, depth) cell ({_d('passkey_trials')})."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every figure and the settings here (also after a failed task)."),
-    plot: Path | None = typer.Option(None, help="Write a PNG of tokens/s and memory against context length."),
+    plot: Path | None = typer.Option(
+        None, help="Write a PNG of tokens/s and memory against context length (and of NLL by position and the passkey grid)."
+    ),
     device: str | None = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     dtype: str | None = typer.Option(None, help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model)."),
     threads: int | None = typer.Option(None, help="CPU threads (default: torch's; on a CPU shared with other jobs 1 can be much faster)."),
@@ -70,7 +87,7 @@ def bench_command(
     """Measure perplexity, max sequence length, tokens/s and causality, original vs linearized."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from linconv import report
+    from linconv import report, report_eval
     from linconv.bench.run import BenchSettings, run_bench
 
     if plot is not None and plot.suffix.lower() != ".png":
@@ -94,6 +111,13 @@ def bench_command(
         ppl_tokens=ppl_tokens,
         threads=threads,
         spec_tokens=spec_tokens,
+        eval_tasks=eval_tasks,
+        eval_limit=eval_limit,
+        eval_include=None if eval_include is None else str(eval_include),
+        long_tokens=long_tokens,
+        passkey_lengths=passkey_lengths,
+        passkey_depths=passkey_depths,
+        passkey_trials=passkey_trials,
     )
     settings.resolve()  # bad options fail before any model is loaded
 
@@ -125,8 +149,14 @@ def bench_command(
             bars.update(ids["setup"], total=1, completed=1, detail="done")
     save(result)
     report.print_bench(result)
-    if plot is not None and report.write_plot(result, plot):
-        console.print(f"plot: {plot}")
+    report_eval.print_eval(result)
+    if plot is not None:
+        wrote = report.write_plot(result, plot)
+        if wrote:
+            console.print(f"plot: {plot}")
+        eval_plot = report_eval.eval_plot_path(plot) if wrote else plot
+        if report_eval.write_eval_plot(result, eval_plot):
+            console.print(f"plot: {eval_plot}")
     if json_path is not None:
         console.print(f"results: {json_path}")
     if result.errors:
