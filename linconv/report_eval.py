@@ -29,10 +29,11 @@ def downstream_table(result) -> Table | None:
     if r is None:
         return None
     limit = f" · at most {r.limit} items per task" if r.limit else ""
-    table = Table(title=f"Downstream accuracy (zero-shot, by log-likelihood; acc_norm per character){limit}")
+    skipped = "\n".join(f"[yellow]{task}: skipped, {why}[/]" for task, why in r.unavailable.items())
+    table = Table(title=f"Downstream accuracy (zero-shot, log-likelihood){limit}", caption=skipped or None, caption_justify="left")
     table.add_column("task")
     table.add_column("items", justify="right")
-    for col in ("acc orig", "acc lin", "×", "acc_norm orig", "acc_norm lin"):
+    for col in ("acc\norig", "acc\nlin", "\n×", "acc_norm\norig", "acc_norm\nlin"):
         table.add_column(col, justify="right")
     for t in r.tasks:
         name = t.task if t.runner == "lm-eval" else f"{t.task} [dim](scored by linconv)[/]"
@@ -43,8 +44,6 @@ def downstream_table(result) -> Table | None:
             _x(t.ratio),
             *(_pct(t.acc_norm.get(role)) for role in ROLES),
         )
-    for task, why in r.unavailable.items():
-        table.add_row(f"[yellow]{task}[/]", "", f"[yellow]skipped: {why}[/]", "", "", "", "")
     return table
 
 
@@ -68,20 +67,21 @@ def passkey_table(result) -> Table | None:
     r = result.passkey
     if r is None:
         return None
-    overall = " / ".join(_pct(r.overall(role)) for role in ROLES)
-    table = Table(title=f"Passkey retrieval · {r.trials} trials per cell, greedy · accuracy original / linearized · all cells {overall}")
-    table.add_column("length", justify="right")
+    grids = {role: r.accuracy(role) for role in ROLES if r.accuracy(role)}
+
+    def pair(values: list[float]) -> str:
+        return " / ".join(f"{100 * v:.0f}" for v in values)
+
+    overall = pair([r.overall(role) for role in grids])
+    title = f"Passkey retrieval · % right, {' / '.join(grids)} · {r.trials} keys per cell, greedy · all cells {overall}"
+    table = Table(title=title)
+    table.add_column("tokens \\ depth", justify="right")
     for d in r.depths:
-        table.add_column(f"depth {d:g}", justify="center")
+        table.add_column(f"{d:g}", justify="center")
     table.add_column("mean", justify="center")
-    grids = {role: r.accuracy(role) for role in ROLES}
-
-    def pair(values: dict) -> str:
-        return " / ".join(_pct(values.get(role)) for role in ROLES)
-
     for i, n in enumerate(r.lengths):
-        cells = [pair({role: g[i][j] for role, g in grids.items() if g}) for j in range(len(r.depths))]
-        table.add_row(_tokens(n), *cells, pair({role: sum(g[i]) / len(g[i]) for role, g in grids.items() if g}))
+        cells = [pair([g[i][j] for g in grids.values()]) for j in range(len(r.depths))]
+        table.add_row(_tokens(n), *cells, pair([sum(g[i]) / len(g[i]) for g in grids.values()]))
     return table
 
 
@@ -108,13 +108,13 @@ def write_eval_plot(result, path) -> bool:
     if lp:
         _nll_curve(axes.pop(0), lp)
     for ax, (r, role) in zip(axes, panels[1 if lp else 0 :]):
-        grid = r.accuracy(role)
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        grid = [[100 * v for v in row] for row in r.accuracy(role)]
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(r.depths)), [f"{d:g}" for d in r.depths])
         ax.set_yticks(range(len(r.lengths)), [_tokens(n) for n in r.lengths])
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xlabel("depth of the key")
         ax.set_ylabel("prompt tokens")
         ax.set_title(f"passkey accuracy (%) · {role}")
@@ -132,7 +132,7 @@ def _nll_curve(ax, lp) -> None:
     for role in ROLES:
         values = lp.curve.get(role)
         if values:
-            x = [lp.curve_step * (i + 0.5) for i in range(len(values))]
+            x = [(a * b) ** 0.5 for a, b in zip([1, *lp.curve_ends[:-1]], lp.curve_ends)]  # geometric middles
             ax.plot(x, values, "-", color=colors[role], alpha=0.5, lw=1)
             mids = [(b.start + b.end) / 2 for b in lp.buckets]
             ax.plot(mids, [b.nll[role] for b in lp.buckets], "o-", color=colors[role], label=f"{role} (bucket mean)")

@@ -194,6 +194,7 @@ def test_bucket_edges_double_and_stop_at_the_end():
     assert bucket_edges(4096) == [(0, 1024), (1024, 2048), (2048, 4096)]
     assert bucket_edges(700) == [(0, 700)]
     assert bucket_edges(40, first=8) == [(0, 8), (8, 16), (16, 32), (32, 40)]
+    assert bucket_edges(40, first=8, per_octave=2) == [(0, 8), (8, 11), (11, 16), (16, 23), (23, 32), (32, 40)]
     with pytest.raises(LinconvError):
         bucket_edges(1)
 
@@ -223,7 +224,7 @@ def test_long_perplexity_buckets_and_json():
     assert [(b.start, b.end) for b in r.buckets] == [(0, 1024), (1024, 2048), (2048, 2500)]
     nll = position_nll(models["linearized"][0], doc[:2500], 1000)
     assert r.buckets[2].nll["linearized"] == pytest.approx(nll[2048:].mean().item(), rel=1e-5)
-    assert r.trained_context == 128 and len(r.curve["original"]) <= 64
+    assert r.trained_context == 128 and r.curve_ends[:4] == [64, 76, 91, 108] and r.curve_ends[-1] == 2500
     data = r.to_json()
     conforms(data, LONGPPL_SCHEMA)
     assert data["buckets"][0]["ratio"] == pytest.approx(

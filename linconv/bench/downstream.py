@@ -172,6 +172,7 @@ def _run_harness(models, settings: DownstreamSettings, local_folder, progress: P
 
     result = DownstreamResult(limit=settings.limit)
     paths = [str(p) for p in (local_folder, settings.include) if p]
+    progress.start("downstream · loading tasks", None)
     with _quiet(), _hub_offline_if_unreachable() as offline:
         manager = TaskManager(include_path=paths or None, include_defaults=False)
         if not set(settings.tasks) <= set(manager.all_tasks):  # indexing the harness's 14K task files takes ~20 s
@@ -187,8 +188,9 @@ def _run_harness(models, settings: DownstreamSettings, local_folder, progress: P
             except Exception as e:  # the harness and datasets raise many kinds; the reason is reported, not lost
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if offline:
-                    why = f"not in the datasets cache and the Hugging Face Hub is unreachable ({why})"
+                    why = f"its dataset is not in the datasets cache and the Hugging Face Hub is unreachable ({why})"
                 result.unavailable[name] = why
+        progress.end("downstream · loading tasks")
         scores: dict[str, TaskAccuracy] = {}
         for role in ROLES:
             if role not in models or not ready:

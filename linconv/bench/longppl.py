@@ -30,7 +30,7 @@ from linconv.models.hf import is_linconv
 from linconv.progress import SILENT, Progress
 
 FIRST_BUCKET = 1024  # tokens in the first bucket; each later bucket doubles
-CURVE_POINTS = 64  # at most this many points in the NLL-against-position curve
+CURVE_FIRST, CURVE_PER_OCTAVE = 64, 4  # the plotted curve: 0-64, then four points per doubling
 
 
 @dataclass
@@ -58,8 +58,8 @@ class LongPplResult:
     chunk: int
     trained_context: int | None  # the models' max_position_embeddings: positions seen in training
     buckets: list[Bucket] = field(default_factory=list)
-    curve_step: int = 0  # positions per curve point
-    curve: dict[str, list[float]] = field(default_factory=dict)  # role -> mean NLL per curve_step positions
+    curve_ends: list[int] = field(default_factory=list)  # the curve's points: mean NLL over (previous end, end]
+    curve: dict[str, list[float]] = field(default_factory=dict)  # role -> mean NLL per curve point
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -68,7 +68,7 @@ class LongPplResult:
             "chunk": self.chunk,
             "trained_context": self.trained_context,
             "buckets": [{"start": b.start, "end": b.end, **{r: _ppl(b.nll.get(r)) for r in ROLES}, "ratio": b.ratio} for b in self.buckets],
-            "curve": {"step": self.curve_step, **{r: self.curve.get(r) for r in ROLES}},
+            "curve": {"ends": list(self.curve_ends), **{r: self.curve.get(r) for r in ROLES}},
             "seconds": {r: self.seconds.get(r) for r in ROLES},
         }
 
@@ -103,23 +103,26 @@ SCHEMA = {
         },
         "curve": {
             "type": "object",
-            "required": ["step", *ROLES],
-            "properties": {"step": {"type": "integer"}} | dict.fromkeys(ROLES, _CURVE),
+            "required": ["ends", *ROLES],
+            "properties": {"ends": {"type": "array", "items": {"type": "integer"}}} | dict.fromkeys(ROLES, _CURVE),
         },
         "seconds": {"type": "object", "required": list(ROLES), "additionalProperties": _NULLABLE_NUMBER},
     },
 }
 
 
-def bucket_edges(tokens: int, first: int = FIRST_BUCKET) -> list[tuple[int, int]]:
-    """[(0, first), (first, 2·first), (2·first, 4·first), …] cut at ``tokens`` (the last may be short)."""
-    if tokens < 2 or first <= 0:
+def bucket_edges(tokens: int, first: int = FIRST_BUCKET, per_octave: int = 1) -> list[tuple[int, int]]:
+    """[(0, first), (first, 2·first), (2·first, 4·first), …] cut at ``tokens`` (the last may be short);
+    ``per_octave`` > 1 splits each doubling into that many log-spaced buckets."""
+    if tokens < 2 or first <= 0 or per_octave <= 0:
         raise LinconvError(f"position buckets need at least 2 tokens and a first bucket > 0, got {tokens} and {first}")
-    edges, start, end = [], 0, first
-    while start < tokens:
-        edges.append((start, min(end, tokens)))
-        start, end = end, 2 * end
-    return edges
+    ends, k = [], 0
+    while not ends or ends[-1] < tokens:
+        end = min(round(first * 2 ** (k / per_octave)), tokens)
+        if not ends or end > ends[-1]:
+            ends.append(end)
+        k += 1
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def bucket_means(nll: Tensor, edges: list[tuple[int, int]]) -> list[float]:
@@ -131,13 +134,6 @@ def bucket_means(nll: Tensor, edges: list[tuple[int, int]]) -> list[float]:
             raise LinconvError(f"position bucket {start}-{end} holds no predicted token")
         means.append(values.double().mean().item())
     return means
-
-
-def curve(nll: Tensor, points: int = CURVE_POINTS) -> tuple[int, list[float]]:
-    """(step, mean NLL per ``step`` positions) with at most ``points`` points, for the plot."""
-    step = max(1, math.ceil((nll.numel() - 1) / points))
-    scored = nll[1:]
-    return step, [scored[s : s + step].double().mean().item() for s in range(0, scored.numel(), step)]
 
 
 @torch.inference_mode()
@@ -195,5 +191,6 @@ def long_perplexity(
         progress.end(label)
         for bucket, mean in zip(result.buckets, bucket_means(nll, edges)):
             bucket.nll[role] = mean
-        result.curve_step, result.curve[role] = curve(nll)
+        curve_edges = bucket_edges(settings.tokens, CURVE_FIRST, CURVE_PER_OCTAVE)
+        result.curve_ends, result.curve[role] = [e for _, e in curve_edges], bucket_means(nll, curve_edges)
     return result
