@@ -422,11 +422,18 @@ def write_plot(result, path) -> bool:
         if ax.lines:
             ax.legend(fontsize=7)
     env = result.environment
-    fig.suptitle(f"linconv bench · {env['device']} · {env['dtype']} · {env['threads']} threads", fontsize=10)
+    save_figure(fig, path, f"linconv bench · {env['device']} · {env['dtype']} · {env['threads']} threads")
+    return True
+
+
+def save_figure(fig, path, title: str) -> None:
+    """Title, lay out, write as PNG and free a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def speculative_line(result) -> str:

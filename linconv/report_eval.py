@@ -9,7 +9,7 @@ import math
 from rich.table import Table
 
 from linconv.bench import ROLES
-from linconv.report import print_table
+from linconv.report import print_table, save_figure
 
 
 def _pct(x: float | None) -> str:
@@ -120,10 +120,7 @@ def write_eval_plot(result, path) -> bool:
         ax.set_title(f"passkey accuracy (%) · {role}")
         fig.colorbar(image, ax=ax, fraction=0.046)
     env = result.environment
-    fig.suptitle(f"linconv bench · evaluations · {env['device']} · {env['dtype']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"linconv bench · evaluations · {env['device']} · {env['dtype']}")
     return True
 
 

@@ -14,6 +14,7 @@ from conftest import converted, save_tiny, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 import linconv
+from linconv.bench import downstream as downstream_mod
 from linconv.bench import passkey as passkey_mod
 from linconv.bench.downstream import SCHEMA as DOWNSTREAM_SCHEMA
 from linconv.bench.downstream import DownstreamSettings, downstream
@@ -368,3 +369,20 @@ def test_bench_evaluations_end_to_end(ckpt, tmp_path):
     for extra, message in bad:
         res = runner.invoke(app, [*args, "--tasks", "passkey", *extra])
         assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_an_unreachable_hub_switches_datasets_to_offline_mode_meanwhile(monkeypatch):
+    pytest.importorskip("lm_eval")
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(downstream_mod.socket, "create_connection", unreachable)
+    with downstream_mod._hub_offline_if_unreachable() as offline:
+        assert offline and constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE
