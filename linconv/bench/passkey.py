@@ -17,13 +17,17 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from linconv.bench import ROLES
+from linconv.bench.base import ROLES, BenchInputs
 from linconv.errors import LinconvError
 from linconv.generate import generate
 from linconv.progress import SILENT, Progress
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -71,22 +75,24 @@ class PasskeyResult:
         grid = self.accuracy(role)
         return None if grid is None else sum(map(sum, grid)) / (len(self.lengths) * len(self.depths))
 
-    def to_json(self) -> dict:
-        return {
-            "lengths": list(self.lengths),
-            "depths": list(self.depths),
-            "trials": self.trials,
-            **{r: None if self.accuracy(r) is None else {"accuracy": self.accuracy(r), "overall": self.overall(r)} for r in ROLES},
-            "cells": [
-                {"length": c.length, "depth": c.depth, "prompt_tokens": c.prompt_tokens, "correct": {r: c.correct.get(r) for r in ROLES}}
-                for c in self.cells
-            ],
-        }
+
+def passkey_json(result: PasskeyResult, s: BenchSettings | None = None) -> dict:
+    """The bench JSON's ``passkey`` part (:data:`SCHEMA`); the result holds every setting it needs."""
+    return {
+        "lengths": list(result.lengths),
+        "depths": list(result.depths),
+        "trials": result.trials,
+        **{r: None if result.accuracy(r) is None else {"accuracy": result.accuracy(r), "overall": result.overall(r)} for r in ROLES},
+        "cells": [
+            {"length": c.length, "depth": c.depth, "prompt_tokens": c.prompt_tokens, "correct": {r: c.correct.get(r) for r in ROLES}}
+            for c in result.cells
+        ],
+    }
 
 
 _GRID = {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}
 _ROLE = {"type": ["object", "null"], "required": ["accuracy", "overall"], "properties": {"accuracy": _GRID, "overall": {"type": "number"}}}
-# The JSON of PasskeyResult.to_json (JSON Schema); the bench JSON's "passkey" key.
+# The JSON of passkey_json (JSON Schema); the bench JSON's "passkey" key.
 SCHEMA = {
     "type": "object",
     "required": ["lengths", "depths", "trials", *ROLES, "cells"],
@@ -183,3 +189,12 @@ def passkey(models: dict[str, tuple[nn.Module, object]], settings: PasskeySettin
             progress.update(label, i + 1, len(grid), length=n, depth=d)
         progress.end(label)
     return result
+
+
+# --- the ``passkey`` bench task -------------------------------------------------------------------
+
+
+def run_passkey(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> PasskeyResult:
+    """Every model on the same prompts and keys."""
+    settings = PasskeySettings(s.passkey_lengths, s.passkey_depths, s.passkey_trials, s.prefill_chunk)
+    return passkey(inputs.with_tokenizer(), settings, progress)

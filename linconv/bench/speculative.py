@@ -9,12 +9,19 @@ speculative run uses the same model through tree verification.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from linconv.bench.base import BenchInputs, position_limit_of
 from linconv.errors import LinconvError
 from linconv.generate import generate
+from linconv.progress import Progress
 from linconv.speculative.decode import speculative_generate
+from linconv.speculative.drafts import PromptLookup
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 
 @dataclass
@@ -38,7 +45,10 @@ class SpecPoint:
         return asdict(self) | {"speedup": self.speedup}
 
 
-def spec_prompts(tokens: list[int], length: int = 384) -> dict[str, list[int]]:
+SPEC_PASSAGE = 384  # tokens of the passage of the speculative-decoding prompts
+
+
+def spec_prompts(tokens: list[int], length: int = SPEC_PASSAGE) -> dict[str, list[int]]:
     """Token prompts from held-out text: a passage followed by its own first half (grounded), and
     the next stretch of text alone (open)."""
     length = min(length, len(tokens) // 2)
@@ -65,3 +75,27 @@ def spec_decode_point(model: nn.Module, name: str, kind: str, prompt: list[int],
         histogram=spec.histogram,
         identical=spec.tokens == plain.tokens[0],
     )
+
+
+# --- the ``spec`` bench task ----------------------------------------------------------------------
+
+
+def run_spec(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> list[SpecPoint]:
+    """Every model on both prompt kinds, drafting by prompt lookup: one point per model and kind."""
+    limit = position_limit_of(inputs.models.values())
+    passage = SPEC_PASSAGE if limit is None else min(SPEC_PASSAGE, (limit - s.spec_tokens) * 2 // 3)  # grounded: 1.5 passages
+    prompts = spec_prompts(inputs.tokens.tolist(), passage)
+    points = []
+    for role, model in inputs.models.items():
+        task = f"speculative · {role}"
+        progress.start(task, len(prompts))
+        for i, (kind, prompt) in enumerate(prompts.items()):
+            progress.update(task, i, detail=kind)
+            points.append(spec_decode_point(model, role, kind, prompt, PromptLookup(num_tokens=8, max_candidates=4), s.spec_tokens))
+        progress.update(task, len(prompts), detail="done")
+        progress.end(task)
+    return points
+
+
+def spec_json(points: list[SpecPoint], s: BenchSettings) -> list[dict] | None:
+    return [p.to_dict() for p in points] or None

@@ -7,9 +7,9 @@ It returns a list of token paths that continue the context; the caller merges th
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
-from pathlib import Path
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from linconv.attention.state import LinconvCache, new_cache
 from linconv.data import same_tokenizer
 from linconv.errors import LinconvError
+from linconv.speculative.medusa import has_medusa, load_medusa
+
+MAX_TREE_NODES = 4096  # one verification forward holds every node: beyond this it is no longer cheap
 
 
 class PromptLookup:
@@ -54,6 +57,12 @@ class MedusaDraft:
             raise LinconvError(f"--tree-widths must be positive per depth, got {list(widths)}")
         if len(widths) > heads.num_heads:
             raise LinconvError(f"tree has {len(widths)} levels but the checkpoint has {heads.num_heads} Medusa heads")
+        vocab = heads.head.weight.shape[0]
+        if max(widths) > vocab:
+            raise LinconvError(f"--tree-widths {max(widths)} is more candidates than the vocabulary's {vocab} tokens")
+        nodes = sum(math.prod(widths[: d + 1]) for d in range(len(widths)))
+        if nodes > MAX_TREE_NODES:
+            raise LinconvError(f"--tree-widths {','.join(map(str, widths))} makes a tree of {nodes:,} nodes; at most {MAX_TREE_NODES:,}")
         self.heads, self.widths = heads, list(widths)
 
     @torch.inference_mode()
@@ -90,9 +99,26 @@ class DraftModel:
             path.append(int(token))
         if snapshot is not None:
             self.cache.restore(snapshot)
-        else:
-            self.cache.crop(self.seen)
+        else:  # a transformers KV cache: crop takes the number of tokens to drop, negated
+            self.cache.crop(self.seen - self.cache.get_seq_length())
         return [path]
+
+
+def check_draft(spec: str, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)) -> None:
+    """The checks of :func:`make_draft` that need no model: a wrong draft fails before any loading."""
+    if draft_tokens <= 0:
+        raise LinconvError(f"--draft-tokens must be > 0, got {draft_tokens}")
+    if not tree_widths or min(tree_widths) <= 0:
+        raise LinconvError(f"--tree-widths must be positive per depth, got {list(tree_widths)}")
+    if spec == "medusa":
+        if checkpoint is None:
+            raise LinconvError("--draft medusa needs a checkpoint fine-tuned with --medusa-heads")
+        if not has_medusa(checkpoint):
+            load_medusa(checkpoint)  # raises its one-line explanation before reading any weights
+    elif spec == "model:":
+        raise LinconvError("--draft model:PATH needs a PATH (a model folder, hub id or .gguf file)")
+    elif spec != "lookup" and not spec.startswith("model:"):
+        raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa or model:PATH")
 
 
 def make_draft(
@@ -101,27 +127,26 @@ def make_draft(
     """The draft named by ``spec``: ``lookup``, ``medusa`` (heads saved in ``checkpoint`` by
     ``linconv finetune --medusa-heads``) or ``model:PATH`` (a linconv folder or any causal LM with
     the same tokenizer)."""
+    check_draft(spec, checkpoint, draft_tokens=draft_tokens, tree_widths=tree_widths)
     if spec == "lookup":
-        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0] if tree_widths else 1)
+        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0])
     if spec == "medusa":
-        from linconv.speculative.medusa import load_medusa
-
-        if checkpoint is None:
-            raise LinconvError("--draft medusa needs a checkpoint fine-tuned with --medusa-heads")
         return MedusaDraft(load_medusa(checkpoint, model), tree_widths)
     if spec.startswith("model:"):
-        import linconv
+        from linconv.checkpoint import linconv_config, load
         from linconv.models import ADAPTERS
         from linconv.sources import load_source
 
         path = spec.removeprefix("model:")
         device, dtype = next(model.parameters()).device, model.dtype
-        config = Path(path) / "config.json"
-        linconv_folder = config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("linconv-")
-        draft, draft_tokenizer = (
-            linconv.load(path, dtype=dtype, device=device) if linconv_folder else load_source(path, ADAPTERS, dtype=dtype, device=device)
-        )
+        loader = load if linconv_config(path) is not None else partial(load_source, supported=ADAPTERS)
+        try:
+            draft, draft_tokenizer = loader(path, dtype=dtype, device=device)
+        except LinconvError as e:
+            raise LinconvError(f"--draft {spec}: {e}") from None
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
             raise LinconvError(f"the draft model {path} does not use the target's tokenizer")
-        return DraftModel(draft, num_tokens=draft_tokens)
-    raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa or model:PATH")
+        sizes = draft.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
+        if sizes[0] != sizes[1]:
+            raise LinconvError(f"the draft model {path} has a vocabulary of {sizes[0]} tokens, the target {sizes[1]}; they must match")
+    return DraftModel(draft, num_tokens=draft_tokens)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 
 MEDUSA_WEIGHTS = "medusa.safetensors"
 MEDUSA_CONFIG = "medusa.json"
@@ -154,7 +154,7 @@ def load_medusa(folder: str | Path, model: nn.Module | None = None, *, device=No
         state = load_file(str(folder / MEDUSA_WEIGHTS))
         heads.load_state_dict(state)
     except (OSError, SafetensorError, RuntimeError) as e:
-        raise LinconvError(f"cannot load {folder / MEDUSA_WEIGHTS}: {str(e).splitlines()[0]}") from None
+        raise LinconvError(f"cannot load {folder / MEDUSA_WEIGHTS}: {first_line(e)}") from None
     if model is not None:
         ref = model.get_output_embeddings().weight
         heads.to(device=device or ref.device, dtype=dtype or ref.dtype).attach(model)

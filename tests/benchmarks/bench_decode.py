@@ -4,7 +4,7 @@
 Measures, fp32 on CPU (or ``--device cuda``), with the engine of ``linconv.generate``:
 
 1. Decode tokens/s at each context (default 256, 2K, 8K, 16K) for a fresh conversion of the default
-   model (SmolLM2-135M-Instruct, default ``augmented`` variant) and for the original softmax model.
+   model (SmolLM2-135M-Instruct, default ``augmented-softmax`` variant, groups of 256) and for the original softmax model.
    The context is reached by a chunked prefill of random token ids (speed does not depend on the
    text); then ``--warmup`` decode steps are discarded and the median of the next ``--steps`` is taken.
    Past the original's trained 8K context its positions extrapolate: the speed is still meaningful.
