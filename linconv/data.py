@@ -126,6 +126,44 @@ def windows(tokens: Tensor, length: int, max_tokens: int | None = None) -> Tenso
     return tokens[: n * length].view(n, length)
 
 
+def parse_text_mix(spec: str, known: tuple[str, ...]) -> dict[str, float]:
+    """``--text-mix``: "NAME:FRACTION[,NAME:FRACTION…]" -> {name: fraction of the training tokens}.
+
+    The fractions are of the training tokens; what they leave (1 − their sum) comes from ``--text``.
+    """
+    mix: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition(":")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = float("nan")
+        if name not in known or not 0 < fraction <= 1 or name in mix:
+            raise LinconvError(f"--text-mix {part!r}: write NAME:FRACTION, NAME one of {', '.join(known)}, FRACTION in (0, 1]")
+        mix[name] = fraction
+    if sum(mix.values()) > 1 + 1e-9:
+        raise LinconvError(f"--text-mix {spec!r}: the fractions add up to more than 1")
+    return mix
+
+
+def mix_windows(parts: list[tuple[Tensor, float]], seed: int = 0) -> Tensor:
+    """Windows [N_i, L] of several texts, as many as can be taken with each text's share ``w_i`` of
+    the result (in windows, hence in tokens) without repeating one: n_i = w_i·min_j(N_j / w_j),
+    drawn at random (seeded) from each text, concatenated in order of ``parts``.
+    Parts with weight 0 are left out."""
+    parts = [(w, weight) for w, weight in parts if weight > 0]
+    if not parts:
+        raise LinconvError("nothing to mix: every text has weight 0")
+    total = sum(weight for _, weight in parts)
+    n = min(w.shape[0] * total / weight for w, weight in parts)  # windows in the mix
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for w, weight in parts:
+        take = int(n * weight / total + 1e-9)
+        picked.append(w[torch.randperm(w.shape[0], generator=g)[:take]])
+    return torch.cat(picked)
+
+
 def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers turn text into the same ids (same vocabulary and same encoding)."""
     if a is None or b is None:

@@ -43,12 +43,17 @@ class LinconvAttention(nn.Module):
             self.register_buffer("linformer_proj", proj)  # [r, max_len]
         self.transfer = False  # attention transfer: also compute the softmax teacher (see forward)
         self.transfer_loss: Tensor | None = None
+        self.teacher = False  # the original model: softmax attention only (``linconv.teacher.teacher_mode``)
 
     def extra_repr(self) -> str:
         return f"variant={self.spec.variant}, heads={self.num_heads}, head_dim={self.head_dim}"
 
     def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         q, k, v = self.adapter.qkv(self, hidden_states, position_embeddings)  # [B, H, T, D], [B, Hkv, T, D] x2
+        if self.teacher:  # no linear path, no conv, no α: exactly the attention the layer replaced
+            if isinstance(cache, LinconvCache):
+                raise LinconvError("teacher mode runs whole sequences; it cannot decode from a linconv state")
+            return self.adapter.output(self, self.softmax_attention(q, k, v)), None
         if not isinstance(cache, LinconvCache):
             cache = None  # transformers may hand us its own cache; linconv keeps its state elsewhere
         elif not self.spec.causal:
