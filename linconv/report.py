@@ -14,6 +14,7 @@ from rich.table import Table
 from linconv.bench.base import ROLES
 from linconv.bench.run import SCHEMA_VERSION
 from linconv.bench.tasks import TASKS
+from linconv.report_eval import eval_plot_path, eval_tables, save_figure, write_eval_plot
 
 stdout = Console()
 
@@ -256,7 +257,7 @@ def spec_table(result) -> Table | None:
 
 
 def print_bench(result) -> None:
-    """Every table of a bench result that has data, then the chart."""
+    """Every table of a bench result that has data, then the chart, then the evaluations' tables."""
     for table in (
         bench_header_table(result),
         leakage_table(result),
@@ -270,6 +271,8 @@ def print_bench(result) -> None:
     chart = decode_chart(result)
     if chart:
         stdout.print(chart, highlight=False)
+    for table in eval_tables(result):
+        stdout.print(table)
 
 
 def _plain(x):
@@ -358,11 +361,17 @@ def write_plot(result, path) -> bool:
         if ax.lines:
             ax.legend(fontsize=7)
     env = result.environment
-    fig.suptitle(f"linconv bench · {env['device']} · {env['dtype']} · {env['threads']} threads", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"linconv bench · {env['device']} · {env['dtype']} · {env['threads']} threads")
     return True
+
+
+def write_plots(result, path) -> list[Path]:
+    """The PNGs of ``--plot PATH``: tokens/s and memory at ``path`` (:func:`write_plot`), the evaluations'
+    figure beside it (:func:`eval_plot_path`; at ``path`` itself when there is no speed or memory data)."""
+    path = Path(path)
+    written = [path] if write_plot(result, path) else []
+    evals = eval_plot_path(path) if written else path
+    return written + ([evals] if write_eval_plot(result, evals) else [])
 
 
 def speculative_line(result) -> str:

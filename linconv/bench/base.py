@@ -27,6 +27,11 @@ class BenchInputs:
     sources: dict[str, str | None]  # role -> the folder or hub id it was loaded from (a max-length trial reloads it)
     device: torch.device
     tokens: Tensor | None = None  # the text, tokenized: present when a task that needs it runs
+    tokenizer: Any = None  # the models' (shared) tokenizer, when the checkpoint has one
+
+    def with_tokenizer(self) -> dict[str, tuple[nn.Module, Any]]:
+        """role -> (model, tokenizer): how the evaluations (downstream, longppl, passkey) take their models."""
+        return {role: (model, self.tokenizer) for role, model in self.models.items()}
 
 
 def weights_bytes(model: nn.Module) -> int:

@@ -2,7 +2,8 @@
 tasks for both, and return every figure in one :class:`BenchResult`.
 
 The tasks are registered in :mod:`linconv.bench.tasks` and run in its order, cheapest first: leakage,
-perplexity (``ppl``), speed, speculative decoding (``spec``), max length (``maxlen``); what they do
+perplexity (``ppl``), speed, speculative decoding (``spec``), the evaluations of the field
+(``downstream``, ``longppl``, ``passkey``), max length (``maxlen``); what they do
 is reported to a :class:`linconv.progress.Progress`, and what each returns is kept in
 ``result.results[name]``. ``on_update(result)`` is called after every task, so a caller that saves
 the result there keeps everything measured so far when a later task fails or the run is
@@ -24,6 +25,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,8 @@ import transformers
 from torch import nn
 
 from linconv.bench.base import ROLES, BenchInputs, position_limit_of, weights_bytes
+from linconv.bench.downstream import DEFAULT_EVAL_TASKS, parse_eval_tasks
+from linconv.bench.passkey import parse_depths, parse_lengths
 from linconv.bench.speed import parse_contexts
 from linconv.bench.tasks import DEFAULT_TASKS, TASKS, check_names, run_order
 from linconv.config import parse_dtype
@@ -61,6 +65,8 @@ CPU_DEFAULTS = dict(
     decode_tokens=16,
     prefill_chunk=512,
     ppl_tokens=16384,
+    passkey_lengths=(1024, 2048, 4096),  # the original's 4K prefill takes ~10 s; 5 depths x 2 trials
+    passkey_trials=2,
 )
 # CUDA: the whole device unless --memory-budget; a CUDA trial cannot be interrupted, so the time limit
 # is checked when it ends and the cap bounds the longest trial.
@@ -75,6 +81,8 @@ CUDA_DEFAULTS = dict(
     decode_tokens=64,
     prefill_chunk=2048,
     ppl_tokens=131072,
+    passkey_lengths=(1024, 2048, 4096, 8192, 16384),
+    passkey_trials=5,
 )
 
 
@@ -102,6 +110,13 @@ class BenchSettings:
     spec_tokens: int = 64  # tokens generated per speculative-decoding measurement
     ppl_tokens: int | None = None  # 0: the whole text
     threads: int | None = None
+    eval_tasks: tuple[str, ...] = DEFAULT_EVAL_TASKS  # downstream: lm-evaluation-harness tasks and next_line
+    eval_limit: int | None = None  # downstream: items per task
+    eval_include: str | None = None  # downstream: a folder of the user's own lm-evaluation-harness tasks
+    long_tokens: int = 32768  # longppl: tokens of the text read
+    passkey_lengths: tuple[int, ...] | None = None
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_trials: int | None = None
 
     def resolve(self) -> BenchSettings:
         """Fill device defaults and check every option (LinconvError on the first bad one)."""
@@ -115,6 +130,9 @@ class BenchSettings:
         if values["memory_budget_gib"] is None:
             values["memory_budget_gib"] = defaults["memory_budget_gib"]
         values["contexts"] = tuple(parse_contexts(values["contexts"]))
+        values["eval_tasks"] = parse_eval_tasks(values["eval_tasks"])
+        values["passkey_lengths"] = parse_lengths(values["passkey_lengths"])
+        values["passkey_depths"] = parse_depths(values["passkey_depths"])
         parse_dtype(values["dtype"])
         if values["threads"] is not None and values["threads"] <= 0:
             raise LinconvError(f"--threads must be > 0, got {values['threads']}")
@@ -143,6 +161,14 @@ class BenchSettings:
             raise LinconvError(f"--spec-tokens must be > 0, got {out.spec_tokens}")
         if out.decode_tokens < 2:
             raise LinconvError(f"--decode-tokens must be at least 2, got {out.decode_tokens}")
+        if out.eval_limit is not None and out.eval_limit <= 0:
+            raise LinconvError(f"--eval-limit must be > 0, got {out.eval_limit}")
+        if out.eval_include is not None and not Path(out.eval_include).is_dir():
+            raise LinconvError(f"--eval-include {out.eval_include} is not a folder")
+        if out.long_tokens < 2:
+            raise LinconvError(f"--long-tokens must be at least 2, got {out.long_tokens}")
+        if out.passkey_trials <= 0:
+            raise LinconvError(f"--passkey-trials must be > 0, got {out.passkey_trials}")
         return out
 
 
@@ -268,13 +294,13 @@ def _prepare(s: BenchSettings, progress: Progress) -> tuple[BenchResult, BenchIn
             f"the checkpoint and the baseline {base_name} use different tokenizers; their perplexities "
             "are not comparable (pass --baseline with the original model, or --baseline none)"
         )
+    if tok is None and any(TASKS[task].needs_text or TASKS[task].needs_tokenizer for task in s.tasks):
+        textual = "/".join(task for task in s.tasks if TASKS[task].needs_text or TASKS[task].needs_tokenizer)
+        raise LinconvError(
+            f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop {textual} from --tasks"
+        )
+    inputs.tokenizer = tok
     if any(TASKS[task].needs_text for task in s.tasks):
-        if tok is None:
-            textual = "/".join(task for task, spec in TASKS.items() if spec.needs_text)
-            raise LinconvError(
-                f"{name} has no tokenizer files, needed for perplexity and prompts; "
-                f"save them into the folder or drop {textual} from --tasks"
-            )
         progress.update("setup", 0, detail="reading the text…")
         spec, split = (None, s.text) if s.text in SPLITS else (s.text, "heldout")
         text = load_text(spec, split)

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from linconv.bench.base import BenchInputs
+from linconv.bench.downstream import downstream_json, run_downstream
 from linconv.bench.leakage import leakage_json, run_leakage
+from linconv.bench.longppl import check_longppl, long_perplexity_json, run_longppl
 from linconv.bench.maxlen import check_budget, maxlen_json, run_maxlen
+from linconv.bench.passkey import passkey_json, run_passkey
 from linconv.bench.perplexity import perplexity_json, run_perplexity
 from linconv.bench.speculative import run_spec, spec_json
 from linconv.bench.speed import run_speed, speed_json
@@ -38,7 +41,8 @@ class Task:
     order: int  # tasks run in increasing order: cheap ones first, so their figures are in before a long search
     description: str  # for ``--tasks`` help
     default: bool = True  # runs when ``--tasks`` is not given
-    needs_text: bool = False  # reads the tokenized text (``inputs.tokens``)
+    needs_text: bool = False  # reads the tokenized text (``inputs.tokens``; implies needs_tokenizer)
+    needs_tokenizer: bool = False  # encodes or decodes text (``inputs.tokenizer``)
     check: Callable[[BenchInputs, BenchSettings], None] | None = None  # before the first task: LinconvError if it cannot work
 
 
@@ -49,6 +53,18 @@ TASKS: dict[str, Task] = {
     "speed": Task(run_speed, speed_json, "speed", 30, "prefill and decode tokens/s by context length"),
     "leakage": Task(run_leakage, leakage_json, "leakage", 10, "do outputs depend on future tokens"),
     "spec": Task(run_spec, spec_json, "spec", 40, "speculative vs plain decoding", default=False, needs_text=True),
+    "downstream": Task(run_downstream, downstream_json, "downstream", 42, "zero-shot task accuracy", default=False, needs_tokenizer=True),
+    "longppl": Task(
+        run_longppl,
+        long_perplexity_json,
+        "long_perplexity",
+        44,
+        "perplexity by position",
+        default=False,
+        needs_text=True,
+        check=check_longppl,
+    ),
+    "passkey": Task(run_passkey, passkey_json, "passkey", 46, "recall of a hidden key", default=False, needs_tokenizer=True),
 }
 DEFAULT_TASKS = tuple(name for name, task in TASKS.items() if task.default)
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from linconv import report
+from linconv.bench.downstream import DEFAULT_EVAL_TASKS
 from linconv.bench.run import CPU_DEFAULTS, CUDA_DEFAULTS, BenchSettings, run_bench
 from linconv.bench.tasks import DEFAULT_TASKS, TASKS
 from linconv.checkpoint import check_output
@@ -75,10 +76,33 @@ def bench_command(
         ),
     ] = False,
     spec_tokens: Annotated[int, typer.Option(help="Tokens generated per speculative-decoding measurement.")] = 64,
+    eval_tasks: Annotated[
+        str,
+        typer.Option(
+            help="downstream: lm-evaluation-harness tasks, and next_line (built-in, offline: the true next line of a play among 4)."
+        ),
+    ] = ",".join(DEFAULT_EVAL_TASKS),
+    eval_limit: Annotated[int | None, typer.Option(help="downstream: at most this many items per task (quick runs).")] = None,
+    eval_include: Annotated[Path | None, typer.Option(help="downstream: a folder of your own lm-evaluation-harness task YAMLs.")] = None,
+    long_tokens: Annotated[
+        int, typer.Option(help="longppl: tokens of the text read as one document (buckets 0-1K, 1-2K, 2-4K, ...).")
+    ] = 32768,
+    passkey_lengths: Annotated[
+        str | None, typer.Option(help=f"passkey: prompt lengths in tokens, e.g. 1K,4K ({_d('passkey_lengths')}).")
+    ] = None,
+    passkey_depths: Annotated[
+        str, typer.Option(help="passkey: depths of the key in the filler, 0 = start, 1 = end.")
+    ] = "0,0.25,0.5,0.75,1",
+    passkey_trials: Annotated[int | None, typer.Option(help=f"passkey: keys per (length, depth) cell ({_d('passkey_trials')}).")] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every figure and the settings here (also after a failed task).")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG of tokens/s and memory against context length.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a PNG of tokens/s and memory against context length (and PATH-eval.png: NLL by position, the passkey grid)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the checkpoint's; fp32 for the default model).")] = None,
     threads: Annotated[
@@ -88,7 +112,7 @@ def bench_command(
     """Measure perplexity, max sequence length, tokens/s and causality, original vs linearized."""
     if plot is not None and plot.suffix.lower() != ".png":
         raise LinconvError(f"--plot must name a .png file, got {plot}")
-    for path in (json_path, plot):
+    for path in (json_path, plot, plot and report.eval_plot_path(plot)):
         if path is not None:
             check_output(path, folder=False, inputs=(checkpoint,))
     settings = BenchSettings(
@@ -110,6 +134,13 @@ def bench_command(
         ppl_tokens=ppl_tokens,
         threads=threads,
         spec_tokens=spec_tokens,
+        eval_tasks=eval_tasks,
+        eval_limit=eval_limit,
+        eval_include=None if eval_include is None else str(eval_include),
+        long_tokens=long_tokens,
+        passkey_lengths=passkey_lengths,
+        passkey_depths=passkey_depths,
+        passkey_trials=passkey_trials,
     )
     settings.resolve()  # bad options fail before any model is loaded
 
@@ -121,8 +152,8 @@ def bench_command(
         result = run_bench(settings, on_update=save, progress=progress)
     save(result)
     report.print_bench(result)
-    if plot is not None and report.write_plot(result, plot):
-        console.print(f"plot: {plot}")
+    for written in report.write_plots(result, plot) if plot is not None else ():
+        console.print(f"plot: {written}")
     if json_path is not None:
         console.print(f"results: {json_path}")
     if result.errors:
