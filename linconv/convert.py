@@ -92,6 +92,6 @@ def summarize(model: nn.Module) -> ConversionSummary:
         converted=converted,
         kept=[i for i in range(len(blocks)) if i not in converted],
         params_added=sum(params[n].numel() for n in linconv_tensor_names(model) if n in params),
-        conv_kernel=cfg.kernel,
+        conv_kernel=max((s.conv_taps for s in cfg.specs(len(blocks)) if s is not None), default=0),
         group_size=cfg.group_size,
     )

@@ -16,6 +16,7 @@ The engine returns tokens and timings and prints nothing; ``on_token`` streams.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from linconv.errors import LinconvError
+from linconv.models import position_limit
 from linconv.models.hf import is_linconv
 
 OnToken = Callable[[int, int, str], None]  # (row, token id, newly final text)
@@ -57,10 +59,9 @@ def context_limit(model) -> int | None:
     """Positions a model can use: a softmax model's trained context; None for a linconv model with
     rotary positions; absolute position embeddings (GPT-2) are a hard limit for both."""
     config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if is_linconv(config) and config.model_type != "linconv-gpt2":
-        return None
-    return limit
+    if is_linconv(config):
+        return position_limit(config)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def state_nbytes(cache) -> int:
@@ -192,8 +193,8 @@ def check_options(
     """Raise LinconvError for generation options that cannot work (before any model is loaded)."""
     if max_new_tokens <= 0:
         raise LinconvError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise LinconvError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses nan
+        raise LinconvError(f"--temperature must be >= 0 and finite (0 is greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise LinconvError(f"--top-k must be > 0, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

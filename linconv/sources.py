@@ -13,13 +13,13 @@ import copy
 import importlib.metadata
 import json
 import os
-import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -40,7 +40,8 @@ _DEFAULT_PREFIX = "default:"
 DEFAULT_SOURCE = _DEFAULT_PREFIX + "SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a corrupt or unreadable checkpoint raises from inside transformers / safetensors / torch.
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError, StrictDataclassError)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def source_name(source: str | Path | None) -> str:
@@ -85,9 +86,20 @@ def _check_type(cfg: dict, supported: tuple[str, ...], where: str) -> None:
     raise LinconvError(f"{where}: model type {model_type!r} {problem}; supported model types: {listed}")
 
 
-def _check_safetensors(folder: Path) -> None:
-    """Open every safetensors header so a truncated or garbage file is named before loading."""
-    for file in sorted(folder.glob("*.safetensors")):
+def check_safetensors(folder: Path) -> None:
+    """Safetensors only: refuse a folder whose weights are pickles (unpickling can run code) or
+    missing, and open every safetensors header so a truncated or garbage file is named before loading."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise LinconvError(
+                f"{folder} holds pickle weights ({pickles[0]}) and linconv loads safetensors only (unpickling can run code); "
+                f'convert them once, if you trust them: python -c "from transformers import AutoModelForCausalLM as M; '
+                f"M.from_pretrained('{folder}').save_pretrained('{folder}')\""
+            )
+        raise LinconvError(f"{folder} has no weights (no *.safetensors file)")
+    for file in files:
         try:
             with safe_open(str(file), framework="pt"):
                 pass
@@ -145,7 +157,7 @@ def _load_checked(source: str, config, where: str, dtype: torch.dtype, **hub_kwa
     """Tokenizer, then weights, for a local folder or hub id whose config has passed the checks."""
     tokenizer = _load_tokenizer(where, source, **hub_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_sdpa(config), **hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **_sdpa(config), **hub_kwargs)
     except _LOAD_ERRORS as exc:
         raise LinconvError(f"could not load the weights in {where}: {first_line(exc)}") from None
     return model, tokenizer
@@ -163,7 +175,7 @@ def _load_folder(folder: Path, supported: tuple[str, ...], dtype: torch.dtype):
     if not isinstance(raw, dict):
         raise LinconvError(f"{config_file} is not a JSON object")
     _check_type(raw, supported, str(folder))
-    _check_safetensors(folder)
+    check_safetensors(folder)
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except _LOAD_ERRORS as exc:

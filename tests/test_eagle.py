@@ -137,10 +137,14 @@ def test_eagle_head_is_one_linear_block_of_the_targets_family():
         model = converted(arch, keep_softmax_layers=[0], group_size=4)
         head = EagleHead.for_model(model)
         attns = [m for m in head.modules() if isinstance(m, LinconvAttention)]
-        assert len(attns) == 1 and attns[0].variant.name == model.linconv_config.attention
+        assert len(attns) == 1 and attns[0].spec.variant == model.linconv_config.attention
         assert head.decoder.config.num_hidden_layers == 1 and type(head.decoder) is type(model.base_model)
     with pytest.raises(LinconvError, match="positive"):
         EagleDraft(head, [2, 0])
+    with pytest.raises(LinconvError, match="vocabulary"):
+        EagleDraft(head, [head.output_head.weight.shape[0] + 1])
+    with pytest.raises(LinconvError, match="nodes"):
+        EagleDraft(head, [64, 64, 64])
     with pytest.raises(LinconvError, match="advance"):
         EagleDraft(head).propose([1, 2], torch.zeros(32))
 

@@ -12,15 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from linconv.bench.base import BenchInputs, position_limit_of
 from linconv.errors import LinconvError
 from linconv.generate import generate
+from linconv.progress import Progress
 from linconv.speculative.decode import speculative_generate
-from linconv.speculative.drafts import make_draft
+from linconv.speculative.drafts import check_draft, make_draft
 from linconv.speculative.eagle import has_eagle
 from linconv.speculative.medusa import has_medusa
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 
 @dataclass
@@ -46,7 +52,10 @@ class SpecPoint:
         return asdict(self) | {"speedup": self.speedup}
 
 
-def spec_prompts(tokens: list[int], length: int = 384) -> dict[str, list[int]]:
+SPEC_PASSAGE = 384  # tokens of the passage of the speculative-decoding prompts
+
+
+def spec_prompts(tokens: list[int], length: int = SPEC_PASSAGE) -> dict[str, list[int]]:
     """Token prompts from held-out text: a passage followed by its own first half (grounded), and
     the next stretch of text alone (open)."""
     length = min(length, len(tokens) // 2)
@@ -120,3 +129,41 @@ def spec_decode_point(
 ) -> SpecPoint:
     """One model on one prompt with one draft instance: plain greedy vs speculative greedy."""
     return spec_decode_points(model, name, kind, prompt, {draft_name: lambda: draft}, new_tokens)[0]
+
+
+# --- the ``spec`` bench task ----------------------------------------------------------------------
+
+
+def check_spec(inputs: BenchInputs, s: BenchSettings) -> None:
+    """Before the first task: every draft of ``--spec-drafts`` can be made (LinconvError if not)."""
+    if not s.spec_drafts:
+        raise LinconvError("--spec-drafts names no draft; choose auto, lookup, medusa, eagle or model:PATH")
+    for name in s.spec_drafts:
+        if name != "auto":
+            check_draft(name, inputs.sources.get("linearized"))
+
+
+def run_spec(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> list[SpecPoint]:
+    """Every model on both prompt kinds with every draft of ``s.spec_drafts``: one point per model,
+    kind and draft. Medusa and EAGLE heads belong to the checkpoint they were trained for, so only
+    the linearized model drafts with them."""
+    limit = position_limit_of(inputs.models.values())
+    passage = SPEC_PASSAGE if limit is None else min(SPEC_PASSAGE, (limit - s.spec_tokens) * 2 // 3)  # grounded: 1.5 passages
+    prompts = spec_prompts(inputs.tokens.tolist(), passage)
+    points = []
+    for role, model in inputs.models.items():
+        task = f"speculative · {role}"
+        progress.start(task, len(prompts))
+        own = role == "linearized"
+        names = [d for d in s.spec_drafts if own or d not in ("medusa", "eagle")]
+        drafts = draft_factories(model, inputs.tokenizer, inputs.sources.get("linearized") if own else None, names)
+        for i, (kind, prompt) in enumerate(prompts.items()):
+            progress.update(task, i, detail=f"{kind}: {', '.join(drafts)}")
+            points += spec_decode_points(model, role, kind, prompt, drafts, s.spec_tokens)
+        progress.update(task, len(prompts), detail="done")
+        progress.end(task)
+    return points
+
+
+def spec_json(points: list[SpecPoint], s: BenchSettings) -> list[dict] | None:
+    return [p.to_dict() for p in points] or None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from linconv import report
 from linconv.attention.variants import VARIANTS
-from linconv.checkpoint import save_checkpoint
+from linconv.checkpoint import check_output, save_checkpoint
 from linconv.cli.common import console, friendly, parse_device, parse_layers
 from linconv.config import parse_dtype
 from linconv.convert import conversion_card, load_and_convert, summarize
@@ -51,8 +50,7 @@ def convert_command(
     if len(paths) not in (1, 2):
         raise LinconvError("expected [SOURCE] OUTPUT")
     source, output = (None, paths[0]) if len(paths) == 1 else paths
-    if Path(output).exists() and not overwrite:
-        raise LinconvError(f"{output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite=overwrite, inputs=(source,))
     cfg = get_recipe(recipe).linearize_config(  # None: not given, the recipe's (or the default) value
         attention=attention,
         group_size=group_size,

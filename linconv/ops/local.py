@@ -12,9 +12,9 @@ to every token of earlier groups through the linear state:
 at group boundaries; decoding keeps it plus the keys/values of the current, unfinished group.
 Without φ (``phi=None``) there is no global part: plain block-local attention.
 
-Scores take raw logits ``l = q·k`` (the caller scales or normalises q, k): ``relu2`` = relu(l)²,
-``softmax`` = exp(l), ``yoso`` = (1 − arccos(l)/π)^τ for unit q, k. Softmax is stabilised by the
-row maximum m of its local logits, with the global term scaled by exp(−m) too, which is exact.
+Scores are registered by name in ``SCORES`` and take raw logits ``l = q·k`` (the caller scales or
+normalises q, k). Softmax is stabilised by the row maximum m of its local logits, with the global
+term scaled by exp(−m) too, which is exact.
 
 Layout: q, k [B, H, T, Dk], v [B, H, T, Dv].
 """
@@ -31,8 +31,8 @@ from torch import Tensor
 from linconv.ops.linear import EPS, exclusive_cumsum
 
 FeatureMap = Callable[[Tensor], Tensor]
+Score = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (logits, mask) -> (weights, log-shift m)
 YOSO_TAU = 8.0
-SCORES = ("relu2", "softmax", "yoso")
 
 
 class GroupState(NamedTuple):
@@ -50,24 +50,39 @@ def empty_group_state(q: Tensor, v: Tensor, phi: FeatureMap | None) -> GroupStat
     return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, H, 0, Dk), zeros(B, H, 0, Dv))
 
 
+def softmax_score(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(l − m), m the row maximum of the visible logits (0 for a row that sees nothing)."""
+    masked = logits.masked_fill(~mask, float("-inf"))
+    m = masked.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp(masked - m), m
+
+
+def _unshifted(w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights of a score that needs no shift: masked to zero, m = 0."""
+    return w.masked_fill(~mask, 0.0), torch.zeros_like(w[..., :1])
+
+
+def relu2_score(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """relu(l)²: the paper's local score (for unit q, k)."""
+    return _unshifted(torch.relu(logits).square(), mask)
+
+
+def yoso_score(logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(1 − arccos(l)/π)^τ: YOSO's expected LSH-Bernoulli collision probability (for unit q, k)."""
+    return _unshifted((1.0 - torch.arccos(logits.clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi).pow(YOSO_TAU), mask)
+
+
+SCORES: dict[str, Score] = {"relu2": relu2_score, "softmax": softmax_score, "yoso": yoso_score}
+
+
 def local_weights(logits: Tensor, mask: Tensor, score: str) -> tuple[Tensor, Tensor]:
-    """Score weights (zero where ``mask`` is False) and the log-shift m that they carry.
+    """Weights of the registered score ``score`` (zero where ``mask`` is False) and their log-shift m.
 
     ``logits``: [..., Tq, Tk]; ``mask``: broadcastable bool. m [..., Tq, 1] is zero except for
     softmax, whose weights are exp(l − m); the global term must then be scaled by exp(−m).
     """
-    if score == "softmax":
-        masked = logits.masked_fill(~mask, float("-inf"))
-        m = masked.amax(-1, keepdim=True).detach()
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        return torch.exp(masked - m), m
-    if score == "relu2":
-        w = torch.relu(logits).square()
-    elif score == "yoso":
-        w = (1.0 - torch.arccos(logits.clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi).pow(YOSO_TAU)
-    else:
-        raise ValueError(f"unknown local score {score!r}; choose from {', '.join(SCORES)}")
-    return w.masked_fill(~mask, 0.0), torch.zeros_like(logits[..., :1])
+    return SCORES[score](logits, mask)
 
 
 def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi: FeatureMap | None) -> GroupState:

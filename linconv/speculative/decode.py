@@ -93,6 +93,8 @@ def speculative_generate(
         else:
             root = int(sampler.draw(sampler.probs(logits[None]))) if sampling else int(logits.argmax())
         paths = draft.propose([*context, root], hidden) if draft is not None else []
+        left = max_new_tokens - len(result.tokens) - 1  # draft tokens that can still be used after the root
+        paths = [p[:left] for p in paths if left > 0]  # nor may a node sit past the last position needed
         tree = CandidateTree.from_paths(root, paths)
         hiddens, tree_logits = verify(model, cache, tree, past)
         path, next_root = accept_sampled(tree, tree_logits, sampler) if sampling else (accept_greedy(tree, tree_logits), None)

@@ -33,6 +33,7 @@ from linconv.models import get_adapter
 from linconv.models.hf import CLASSES, is_linconv
 from linconv.ops import tree_depths
 from linconv.speculative.files import read_config, read_weights, stored_widths, write_draft
+from linconv.speculative.shape import check_widths
 
 EAGLE_WEIGHTS = "eagle.safetensors"
 EAGLE_CONFIG = "eagle.json"
@@ -190,10 +191,15 @@ def has_eagle(folder: str | Path | None) -> bool:
     return folder is not None and (Path(folder) / EAGLE_CONFIG).is_file()
 
 
+def eagle_config(folder: str | Path) -> dict:
+    """The eagle.json saved beside the checkpoint ``folder``; a one-line LinconvError when there is none."""
+    missing = f"EAGLE head ({EAGLE_CONFIG} missing); train one with `linconv finetune --draft-head eagle`"
+    return read_config(folder, EAGLE_CONFIG, missing, FORMAT_VERSION)
+
+
 def load_eagle(folder: str | Path, model: nn.Module) -> EagleHead:
     """The EAGLE head saved beside the checkpoint ``folder``, attached to ``model`` (its device and dtype)."""
-    missing = f"EAGLE head ({EAGLE_CONFIG} missing); train one with `linconv finetune --draft-head eagle`"
-    cfg = read_config(folder, EAGLE_CONFIG, missing, FORMAT_VERSION)
+    cfg = eagle_config(folder)
     try:
         decoder = dict(cfg["decoder"])
         config_cls, _ = CLASSES[get_adapter(decoder.pop("model_type")).family]
@@ -219,8 +225,7 @@ class EagleDraft:
     a tree of the top ``widths[d]`` tokens at depth d below every node of depth d − 1."""
 
     def __init__(self, head: EagleHead, widths: Sequence[int] = DEFAULT_WIDTHS):
-        if not widths or min(widths) <= 0:
-            raise LinconvError(f"--tree-widths must be positive per depth, got {list(widths)}")
+        check_widths(widths, head.output_head.weight.shape[0])
         self.head, self.widths = head, list(widths)
         self.reset()
 

@@ -36,6 +36,7 @@ from linconv.generate import generate, sync_device
 from linconv.speculative.tree import CandidateTree
 from linconv.speculative.verify import verify
 
+MAX_TREE_NODES = 4096  # one verification forward holds every node: beyond this it is no longer cheap
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64)  # tree sizes whose verification is timed
 COST_SHAPES = ((1,), (1, 1, 1), (1,) * 6, (4,), (4, 2, 2), (8, 4, 2, 1), (2, 2, 2, 2, 2))  # proposals timed
 
@@ -47,6 +48,17 @@ def tree_nodes(widths: Sequence[int]) -> int:
         level *= w
         total += level
     return total
+
+
+def check_widths(widths: Sequence[int], vocab: int) -> None:
+    """LinconvError unless ``widths`` is a static tree a draft can propose from a ``vocab``-token
+    vocabulary and one verification forward can hold."""
+    if not widths or min(widths) <= 0:
+        raise LinconvError(f"--tree-widths must be positive per depth, got {list(widths)}")
+    if max(widths) > vocab:
+        raise LinconvError(f"--tree-widths {max(widths)} is more candidates than the vocabulary's {vocab} tokens")
+    if (nodes := tree_nodes(widths) - 1) > MAX_TREE_NODES:
+        raise LinconvError(f"--tree-widths {','.join(map(str, widths))} makes a tree of {nodes:,} nodes; at most {MAX_TREE_NODES:,}")
 
 
 @dataclass
