@@ -597,3 +597,17 @@ def test_text_mix_trains_on_text_the_original_wrote(data, tmp_path, monkeypatch)
 def test_distillation_options_are_checked(options, says):
     with pytest.raises(LinconvError, match=says):
         FinetuneConfig(**options).validate()
+
+
+def test_a_resume_state_from_before_an_option_existed_resumes_with_its_default(tmp_path):
+    """A state saved by an older linconv lacks the newer options: it ran with their defaults."""
+    from linconv.finetune.resume import ResumeState
+
+    now = FinetuneConfig().fingerprint()
+    older = {k: v for k, v in now.items() if k not in ("loss", "text_mix")}
+    state = ResumeState("lora", 3, older, 1, str(tmp_path), {}, [])
+    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json"):
+        (tmp_path / name).touch()
+    state.check(tmp_path, now, 1, tmp_path, {"transfer": 20, "lora": 60})  # no error
+    with pytest.raises(LinconvError, match="--loss"):
+        state.check(tmp_path, {**now, "loss": "kl"}, 1, tmp_path, {"transfer": 20, "lora": 60})

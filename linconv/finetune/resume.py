@@ -18,6 +18,7 @@ from torch import Tensor
 
 from linconv.checkpoint import atomic_folder
 from linconv.errors import LinconvError, first_line
+from linconv.finetune.config import FinetuneConfig
 
 PROGRESS, TRAINABLE = "progress.json", "trainable.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_REST = "optimizer.safetensors", "optimizer.json"
@@ -59,7 +60,8 @@ class ResumeState:
 
     def check(self, folder: Path, config: dict, world_size: int, checkpoint: Path, stages: dict[str, int]) -> None:
         """Refuse a resume that would not continue the same run (``stages``: name -> steps of this run)."""
-        diff = [k for k in config if self.config.get(k) != config[k]]
+        defaults = FinetuneConfig().fingerprint()  # a state saved before an option existed ran with its default
+        diff = [k for k in config if self.config.get(k, defaults.get(k)) != config[k]]
         if diff:
             listed = ", ".join(f"--{k.replace('_', '-')} {self.config.get(k)!r} (now {config[k]!r})" for k in diff)
             raise LinconvError(f"{folder} was made with other settings: {listed}; resume with the same settings")
