@@ -80,7 +80,7 @@ def finetune_command(
     draft_head: Annotated[
         str | None,
         typer.Option(
-            help="Train a draft head (last stage) on the fine-tuned model: eagle, saved as eagle.safetensors + eagle.json "
+            help="Train a draft head (stage 4) on the fine-tuned model: eagle, saved as eagle.safetensors + eagle.json "
             "for `--spec-decode --draft eagle`."
         ),
     ] = None,

@@ -309,8 +309,7 @@ class Eagle(Stage):
         return self.train_cfg.batch_size * self.cfg.grad_accum * self.distilled.ids.shape[1]
 
     def loss(self, rows: Tensor) -> Tensor:
-        batch = self.distilled.rows(rows)
-        return eagle_loss(self.head, batch, self.train_cfg.ce_weight, self.train_cfg.noise)[0]
+        return eagle_loss(self.head, self.distilled.rows(rows), self.train_cfg.ce_weight, self.train_cfg.noise)[0]
 
     def teardown(self) -> None:
         super().teardown()
@@ -318,6 +317,7 @@ class Eagle(Stage):
         self.distilled = None  # [N, T, D] features: not needed any more
 
     def tensors(self) -> dict[str, Tensor]:
+        """Its parameters and its draft vocabulary (a run resumed after the last step distils nothing)."""
         named = {f"eagle.{n}": p for n, p in self.head.named_parameters()}
         if self.head.vocab is not None:
             named["eagle.vocab"] = self.head.vocab
