@@ -531,7 +531,7 @@ def test_finetuning_a_finetuned_checkpoint_keeps_its_history(data, tmp_path):
 def test_every_stage_has_its_own_name_and_seed_number():
     """The number seeds a stage's data order: two stages sharing one would see the same windows."""
     assert len({s.name for s in STAGES}) == len({s.number for s in STAGES}) == len(STAGES)
-    assert [s.name for s in STAGES] == ["transfer", "lora", "medusa"]
+    assert [s.name for s in STAGES] == ["transfer", "lora", "medusa", "eagle"]
 
 
 def test_recipe_options_are_overridden_by_explicit_ones():

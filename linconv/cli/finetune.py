@@ -1,4 +1,4 @@
-"""``linconv finetune``: attention transfer, then LoRA, then optional Medusa heads; resumable."""
+"""``linconv finetune``: attention transfer, then LoRA, then optional draft heads (Medusa, EAGLE); resumable."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def _table(result) -> Table:
         table.caption = f"LoRA adapter (not merged): {result.adapter}"
     if result.medusa is not None:
         table.caption = (table.caption + "; " if table.caption else "") + f"Medusa heads: {result.medusa}"
+    if result.eagle is not None:
+        table.caption = (table.caption + "; " if table.caption else "") + f"EAGLE head: {result.eagle}"
     return table
 
 
@@ -75,6 +77,25 @@ def finetune_command(
     ] = _D.medusa_heads,
     medusa_steps: Annotated[int, typer.Option(help="Medusa training steps.")] = _D.medusa_steps,
     medusa_lr: Annotated[float, typer.Option(help="Learning rate of the Medusa heads.")] = _D.medusa_lr,
+    draft_head: Annotated[
+        str | None,
+        typer.Option(
+            help="Train a draft head (stage 4) on the fine-tuned model: eagle, saved as eagle.safetensors + eagle.json "
+            "for `--spec-decode --draft eagle`."
+        ),
+    ] = None,
+    draft_steps: Annotated[int, typer.Option(help="Draft-head training steps (batches of 4 distilled sequences).")] = _D.draft_steps,
+    draft_lr: Annotated[float, typer.Option(help="Learning rate of the draft head.")] = _D.draft_lr,
+    draft_prompts: Annotated[
+        int, typer.Option(help="Windows of the training text that the model continues greedily: the draft head's training data.")
+    ] = _D.draft_prompts,
+    draft_new_tokens: Annotated[int, typer.Option(help="Tokens of the model's continuation of each draft prompt.")] = _D.draft_new_tokens,
+    draft_vocab: Annotated[
+        int, typer.Option(help="Tokens the draft head may propose: the most frequent in its data (0: the whole vocabulary).")
+    ] = _D.draft_vocab,
+    draft_shape_prompts: Annotated[
+        int, typer.Option(help="Held-out prompts on which the draft head's tree is measured on this device (0: keep its default tree).")
+    ] = _D.draft_shape_prompts,
     merge: Annotated[
         bool,
         typer.Option("--merge/--no-merge", help="Fold the LoRA adapters into the weights, or keep a peft adapter folder OUTPUT/adapter."),
@@ -106,7 +127,7 @@ def finetune_command(
     dtype: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 mixed-precision autocast (CUDA).")] = "fp32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT (and any stale OUTPUT.partial).")] = False,
 ) -> None:
-    """Recover quality after conversion: attention transfer, LoRA, optional Medusa heads."""
+    """Recover quality after conversion: attention transfer, LoRA, optional draft heads (Medusa, EAGLE)."""
     config = get_recipe(recipe).finetune_config(
         transfer_steps=transfer_steps,
         lora_steps=lora_steps,
@@ -122,6 +143,13 @@ def finetune_command(
         medusa_heads=medusa_heads,
         medusa_steps=medusa_steps,
         medusa_lr=medusa_lr,
+        draft_head=draft_head,
+        draft_steps=draft_steps,
+        draft_lr=draft_lr,
+        draft_prompts=draft_prompts,
+        draft_new_tokens=draft_new_tokens,
+        draft_vocab=draft_vocab,
+        draft_shape_prompts=draft_shape_prompts,
         lora_alpha=lora_alpha,
         merge=merge,
         eval_every=eval_every,

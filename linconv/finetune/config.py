@@ -10,11 +10,14 @@ from linconv.data import parse_text_mix
 from linconv.errors import LinconvError
 from linconv.finetune.stages import STAGES, planned
 from linconv.selfgen import SOURCE as SELFGEN
+from linconv.speculative.eagle_train import EagleTrainConfig
 
 LOSSES = ("ce", "kl", "mix")  # of the LoRA stage; kl and mix distil the original model (linconv.loss.distill_loss)
+DRAFT_HEADS = ("eagle",)  # --draft-head: draft heads trained as the last stage (Medusa has --medusa-heads)
 PRECISIONS = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 # options that do not change what is trained: they may differ between a run and its resume
-_NOT_FINGERPRINTED = {"eval_every", "eval_windows", "eval_text", "save_every", "merge", "gradient_checkpointing"}
+_NOT_FINGERPRINTED = {"eval_every", "eval_windows", "eval_text", "save_every", "merge", "gradient_checkpointing", "draft_shape_prompts"}
+_EAGLE = EagleTrainConfig()
 
 
 @dataclass
@@ -32,6 +35,13 @@ class FinetuneConfig:
     lr: float = 1e-3  # LoRA stage (LoRA matrices and the new attention parameters)
     transfer_lr: float = 1e-2  # transfer stage (the new attention parameters only)
     medusa_lr: float = 1e-3
+    draft_head: str | None = None  # "eagle": train an EAGLE draft head on the fine-tuned model (the last stage)
+    draft_steps: int = _EAGLE.steps
+    draft_lr: float = _EAGLE.lr
+    draft_prompts: int = _EAGLE.prompts  # training-text windows the model continues greedily: the head's data
+    draft_new_tokens: int = _EAGLE.new_tokens  # the model's continuation of each
+    draft_vocab: int = _EAGLE.draft_vocab  # tokens the head may propose: the most frequent in its data (0: all)
+    draft_shape_prompts: int = 8  # held-out prompts on which the head's tree is measured (0: not measured)
     warmup: float = 0.1  # fraction of each stage's steps with a linear warm-up (then cosine to 10%)
     max_grad_norm: float = 1.0  # 0: no clipping
     lora_rank: int = 8
@@ -51,14 +61,25 @@ class FinetuneConfig:
     text_mix: str = ""  # e.g. "selfgen:0.5": that share of the training tokens written by the original model itself
 
     def validate(self) -> FinetuneConfig:
-        positive = ("seq_len", "batch_size", "grad_accum", "lora_rank", "eval_windows")
+        positive = ("seq_len", "batch_size", "grad_accum", "lora_rank", "eval_windows", "draft_prompts", "draft_new_tokens")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("transfer_steps", "lora_steps", "medusa_heads", "medusa_steps", "eval_every", "save_every"):
+        nonnegative = (
+            "transfer_steps",
+            "lora_steps",
+            "medusa_heads",
+            "medusa_steps",
+            "draft_steps",
+            "draft_vocab",
+            "draft_shape_prompts",
+            "eval_every",
+            "save_every",
+        )
+        for name in nonnegative:
             if getattr(self, name) < 0:
                 raise LinconvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "transfer_lr", "medusa_lr"):
+        for name in ("lr", "transfer_lr", "medusa_lr", "draft_lr"):
             if not 0 < getattr(self, name) < math.inf:  # nan and inf train NaN weights
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(self, name)}")
         if self.lora_alpha is not None and not 0 < self.lora_alpha < math.inf:
@@ -67,6 +88,8 @@ class FinetuneConfig:
             raise LinconvError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.seq_len < 2:
             raise LinconvError(f"--seq-len must be at least 2 tokens, got {self.seq_len}")
+        if self.draft_head is not None and self.draft_head not in DRAFT_HEADS:
+            raise LinconvError(f"unknown --draft-head {self.draft_head!r}; choose from: {', '.join(DRAFT_HEADS)}")
         if self.loss not in LOSSES:
             raise LinconvError(f"unknown --loss {self.loss!r}; choose from: {', '.join(LOSSES)}")
         if not 0 < self.kl_temperature < math.inf:
@@ -108,3 +131,4 @@ class FinetuneResult:
     evals: list[dict]  # {"stage", "step", "perplexity"}; stage "start" = before training
     adapter: Path | None = None
     medusa: Path | None = None
+    eagle: Path | None = None

@@ -77,12 +77,13 @@ class Trainer:
             scheduler.load_state_dict(resumed["scheduler"])
             if acc.scaler is not None and resumed.get("scaler"):
                 acc.scaler.load_state_dict(resumed["scaler"])
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len
+        order = stage.data(self.order)
+        tokens_per_step = stage.step_tokens() * self.world
         if self.main:
             self.progress.start(stage.name, total, start)
         for step in range(start, total):
             t0 = time.perf_counter()
-            loss, stop = self._step(stage, step, params)
+            loss, stop = self._step(stage, order, step, params)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -109,13 +110,13 @@ class Trainer:
         if self.main:
             self.progress.end(stage.name)
 
-    def _step(self, stage: Stage, step: int, params: list[Tensor]) -> tuple[float, bool]:
+    def _step(self, stage: Stage, order: WindowOrder, step: int, params: list[Tensor]) -> tuple[float, bool]:
         """Forward and backward of every micro-step, averaged over processes and clipped: (mean loss, stop)."""
         cfg, acc = self.cfg, self.acc
         torch.manual_seed(mix(cfg.seed, stage.number, step, self.rank))
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(cfg.grad_accum):
-            ids = self.order.batch(stage.number, step, micro).to(acc.device)
+            ids = order.batch(stage.number, step, micro).to(acc.device)
             with acc.autocast():
                 loss = stage.loss(ids)
             acc.backward(loss / cfg.grad_accum)

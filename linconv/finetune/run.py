@@ -119,10 +119,10 @@ class Run:
         with trainer.interruptible():
             for kind, total in self.plan:
                 idx = names.index(kind.name)
-                stage = kind(self.model, self.cfg, self.new_params, self.output)
+                stage = kind(self.model, self.cfg, self.new_params, self.output, self.tokenizer, self.progress if self.main else SILENT)
                 self.stages.append(stage)
                 trainable = stage.setup()
-                self.touched += [n for n, _ in trainable if n not in self.touched]
+                self.touched += [n for n in [*dict(trainable), *stage.tensors()] if n not in self.touched]
                 losses = list(self.state.losses.get(stage.name, [])) if self.state is not None else []
                 result = self.results[stage.name] = StageResult(stage.name, total, losses)
                 start = 0

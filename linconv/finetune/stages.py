@@ -14,12 +14,15 @@ class here and listing it in :data:`STAGES` (its options, if new, go into ``Fine
    (trained fully); causal-LM loss or distillation from the original model (``--loss``), computed
    from the last hidden state a chunk of logits at a time.
 3. :class:`Medusa` — Medusa draft heads on the frozen (fine-tuned) model, loss = Σ over heads of CE.
+4. :class:`Eagle` — an EAGLE draft head on the frozen (fine-tuned) model, trained on the model's own
+   greedy continuations (``linconv.speculative.eagle_train``); its tree is measured at the end.
 """
 
 from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,10 +32,14 @@ from transformers.pytorch_utils import Conv1D
 
 from linconv.attention.module import LinconvAttention
 from linconv.errors import LinconvError
-from linconv.finetune.data import mix
+from linconv.finetune.data import WindowOrder, mix
 from linconv.loss import distill_loss, lm_loss, model_parts
 from linconv.models import get_adapter
+from linconv.progress import SILENT, Progress
+from linconv.speculative.eagle import EAGLE_WEIGHTS, EagleDraft, EagleHead, save_eagle
+from linconv.speculative.eagle_train import EagleTrainConfig, eagle_loss, eagle_setup, frequent_tokens
 from linconv.speculative.medusa import MEDUSA_WEIGHTS, MedusaHeads, medusa_loss, save_medusa
+from linconv.speculative.shape import shape_tree, spread_windows
 
 if TYPE_CHECKING:
     from linconv.finetune.config import FinetuneConfig
@@ -51,8 +58,11 @@ class Stage:
     evaluates: ClassVar[bool] = True  # held-out perplexity after it (False: it does not change the model)
     card_keys: ClassVar[tuple[str, ...]] = ()  # card entries it writes (an input checkpoint's are dropped)
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig, new_params: list[str], output: Path):
+    def __init__(
+        self, model: nn.Module, cfg: FinetuneConfig, new_params: list[str], output: Path, tokenizer=None, progress: Progress = SILENT
+    ):
         self.model, self.cfg, self.new_params, self.output = model, cfg, new_params, output
+        self.tokenizer, self.progress = tokenizer, progress  # progress: SILENT outside the main process
         self.trainable: Trainable = []
 
     @classmethod
@@ -80,8 +90,17 @@ class Stage:
         """Build the stage's structure (layers, heads) and set train/eval modes; its trainable tensors."""
         raise NotImplementedError
 
+    def data(self, order: WindowOrder) -> WindowOrder:
+        """Where its steps take their batches from, asked once before the first step this process
+        trains (a resumed run has its tensors back by then): the run's text windows."""
+        return order
+
+    def step_tokens(self) -> int:
+        """Tokens one process trains on in an optimizer step (for tokens/s), once :meth:`data` is known."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+
     def loss(self, ids: Tensor) -> Tensor:
-        """The loss of windows ids [B, T] (a scalar to minimise)."""
+        """The loss of a batch from :meth:`data`: windows ids [B, T] (a scalar to minimise)."""
         raise NotImplementedError
 
     def teardown(self) -> None:
@@ -238,7 +257,95 @@ class Medusa(Stage):
         return {"medusa": self.output / MEDUSA_WEIGHTS}
 
 
-STAGES: tuple[type[Stage], ...] = (Transfer, LoRA, Medusa)
+class Eagle(Stage):
+    """An EAGLE draft head (``--draft-head eagle``) on the frozen model as fine-tuned so far.
+
+    Its batches are rows of distilled data — the model's own greedy continuations of
+    ``--draft-prompts`` windows of the training text, with its features and top-K tokens — made in
+    :meth:`data`, when the model is final (after a resume too); the rows' order follows the run's
+    seed like the windows'. At the end the tree is measured on held-out Britannica prompts
+    (``--draft-shape-prompts``; 0 keeps the head's default tree) and stored in eagle.json.
+    """
+
+    name, number, idle = "eagle", 3, "there is no --draft-head"
+    steps_option, lr_option = "draft_steps", "draft_lr"
+    evaluates = False  # the head does not change the model's own predictions
+    card_keys = ("draft_head",)
+    SHAPE_TOKENS, SHAPE_DEPTH = 64, 6  # prompt and continuation tokens per shape prompt; depths measured
+
+    @classmethod
+    def steps(cls, cfg: FinetuneConfig) -> int:
+        return super().steps(cfg) if cfg.draft_head == "eagle" else 0
+
+    def prepare(self) -> Trainable:
+        cfg = self.cfg
+        self.train_cfg = EagleTrainConfig(
+            text=cfg.text,
+            prompts=cfg.draft_prompts,
+            new_tokens=cfg.draft_new_tokens,
+            draft_vocab=cfg.draft_vocab,
+            steps=cfg.draft_steps,
+            lr=cfg.draft_lr,
+            seed=cfg.seed,
+        )
+        self.distilled, self.tree = None, None
+        self.model.eval()
+        torch.manual_seed(mix(cfg.seed, self.number, -1))  # the head's fc init
+        self.head = EagleHead.for_model(self.model)
+        # the draft vocabulary comes with the distilled data (data()); until then a placeholder of its
+        # size, which a resume state saved after the last step fills in
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.head.set_vocab(frequent_tokens(torch.zeros(1, dtype=torch.long), vocab_size, self.train_cfg.draft_vocab))
+        self.head.train()
+        return [(f"eagle.{n}", p) for n, p in self.head.named_parameters()]
+
+    def data(self, order: WindowOrder) -> WindowOrder:
+        """Distil the model's continuations (and set the head's draft vocabulary); batches are row indices."""
+        _, self.distilled = eagle_setup(self.model, self.tokenizer, self.train_cfg, head=self.head, progress=self.progress)
+        rows = torch.arange(len(self.distilled))
+        return WindowOrder(rows, self.train_cfg.batch_size, order.grad_accum, order.seed, order.world, order.rank)
+
+    def step_tokens(self) -> int:
+        return self.train_cfg.batch_size * self.cfg.grad_accum * self.distilled.ids.shape[1]
+
+    def loss(self, rows: Tensor) -> Tensor:
+        return eagle_loss(self.head, self.distilled.rows(rows), self.train_cfg.ce_weight, self.train_cfg.noise)[0]
+
+    def teardown(self) -> None:
+        super().teardown()
+        self.head.eval()
+        self.distilled = None  # [N, T, D] features: not needed any more
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Its parameters and its draft vocabulary (a run resumed after the last step distils nothing)."""
+        named = {f"eagle.{n}": p for n, p in self.head.named_parameters()}
+        if self.head.vocab is not None:
+            named["eagle.vocab"] = self.head.vocab
+        return named
+
+    def finish(self, model: nn.Module, scratch: Path) -> nn.Module:
+        """Measure the head's best tree against ``model`` as it will be saved (main process)."""
+        self.head.attach(model)
+        if self.cfg.draft_shape_prompts:
+            n = self.cfg.draft_shape_prompts
+            self.progress.message(f"measuring the EAGLE head's tree on {n} held-out prompt{'s' * (n > 1)}…")
+            prompts = spread_windows(self.tokenizer, None, "britannica", n, self.SHAPE_TOKENS)
+            draft = EagleDraft(self.head)
+            self.tree = shape_tree(model, draft, prompts, new_tokens=self.SHAPE_TOKENS, depth=self.SHAPE_DEPTH).to_dict()
+        return model
+
+    def save(self, folder: Path, scratch: Path, dtype: torch.dtype) -> None:
+        extra = {"training": asdict(self.train_cfg), **({"tree": self.tree} if self.tree else {})}
+        save_eagle(self.head.to(dtype), folder, extra=extra)
+
+    def card(self) -> dict:
+        return {"draft_head": "eagle"}
+
+    def outputs(self) -> dict:
+        return {"eagle": self.output / EAGLE_WEIGHTS}
+
+
+STAGES: tuple[type[Stage], ...] = (Transfer, LoRA, Medusa, Eagle)
 """Every stage, in the order a run trains them."""
 
 

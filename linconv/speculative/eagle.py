@@ -95,7 +95,9 @@ class EagleHead(nn.Module):
         base = model.base_model
         last = get_adapter(model.config.model_type).blocks(model)[-1]
         source = next(n for n, m in base.named_modules() if m is last)
-        theirs = base.state_dict()
+        # under peft (the finetune stage after LoRA) a projection's own weight is "….base_layer.weight":
+        # the head copies it without the adapters' small low-rank change
+        theirs = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()}
         mine = self.decoder.state_dict()
         copied = {}
         for key, value in mine.items():

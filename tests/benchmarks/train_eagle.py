@@ -1,5 +1,6 @@
 """Train an EAGLE draft head for a checkpoint, shape its tree by measurement, save both beside it
-(run by hand; pytest ignores this folder). ``linconv finetune --draft-head eagle`` does the same.
+(run by hand; pytest ignores this folder). ``linconv finetune CKPT OUT --draft-head eagle`` does the
+same as a fine-tuning stage (``linconv.finetune.stages.Eagle``), writing OUTPUT instead of CKPT.
 
 1. Self-distillation: the checkpoint continues ``--prompts`` windows of the built-in training plays
    greedily (``--new-tokens`` each); ``--steps`` AdamW steps train the head on its features
