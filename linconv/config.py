@@ -6,10 +6,17 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from linconv.attention.spec import AttentionSpec
 from linconv.attention.variants import DEFAULT_VARIANT, get_variant
 from linconv.errors import LinconvError
 
 FORMAT_VERSION = 1
+# Bounds that keep one forward pass allocatable: a group is a G x G score map per head (8192: 256 MiB
+# per head in fp32, the default model's whole trained context), the conv keeps K - 1 values per head
+# and linformer a rank x max-length projection per layer.
+MAX_GROUP_SIZE = 8192
+MAX_CONV_KERNEL = 1024
+MAX_LINFORMER_LEN = 1 << 20
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -47,27 +54,40 @@ class LinearizeConfig:
     source: str | None = None  # the model this was converted from (the default baseline of bench)
     format_version: int = FORMAT_VERSION
 
-    @property
-    def causal(self) -> bool:
-        """Whether no output can read a later token (false: linformer, or an unmasked conv)."""
-        return get_variant(self.attention).causal and (self.conv_mask or not self.kernel)
-
     def kept_layers(self, num_layers: int) -> set[int]:
         """The layers that keep softmax attention in a model of ``num_layers`` layers."""
         every = set(range(self.softmax_every - 1, num_layers, self.softmax_every)) if self.softmax_every else set()
         return set(self.keep_softmax_layers) | every
 
-    @property
-    def kernel(self) -> int:
-        """DWConv taps actually used (0: no conv)."""
-        return get_variant(self.attention).default_conv if self.conv_kernel is None else self.conv_kernel
+    def specs(self, num_layers: int) -> list[AttentionSpec | None]:
+        """What each layer of a ``num_layers``-layer model computes (None: it keeps softmax).
+
+        The one place where the variant's name is resolved: its form for the layer plus the
+        options. An unknown variant, feature map or score is a LinconvError listing the choices.
+        """
+        variant = get_variant(self.attention)
+        kept = self.kept_layers(num_layers)
+        options = dict(
+            variant=variant.name,
+            conv_taps=variant.default_conv if self.conv_kernel is None else self.conv_kernel,
+            conv_mask=self.conv_mask,
+            group_size=self.group_size,
+            chunk_size=self.chunk_size,
+            linformer_rank=self.linformer_rank,
+            linformer_max_len=self.linformer_max_len,
+        )
+        return [
+            None if i in kept else AttentionSpec(**asdict(form), seed=self.seed * 1000 + i, **options)
+            for i, form in enumerate(variant.layer_forms(num_layers))
+        ]
 
     def validate(self, num_layers: int | None = None) -> LinearizeConfig:
-        """Raise LinconvError for options that cannot work; return self."""
-        try:
-            variant = get_variant(self.attention)
-        except ValueError as e:
-            raise LinconvError(str(e)) from None
+        """Raise LinconvError for options that cannot work; return self.
+
+        Before the model is known (``num_layers`` None) a two-layer model stands in, one layer of
+        each half, so that every form of the variant is resolved and checked early.
+        """
+        specs = [s for s in self.specs(2 if num_layers is None else num_layers) if s is not None]
         if self.softmax_every < 0:
             raise LinconvError(f"--softmax-every must be >= 0 (0: no extra softmax layers), got {self.softmax_every}")
         for name in ("group_size", "chunk_size", "linformer_rank", "linformer_max_len"):
@@ -75,10 +95,15 @@ class LinearizeConfig:
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.conv_kernel is not None and self.conv_kernel < 0:
             raise LinconvError(f"--conv-kernel must be >= 0 (0 disables the convolution), got {self.conv_kernel}")
-        if not self.causal and not self.allow_noncausal:
-            what = f"variant {variant.name!r}" if not variant.causal else "an unmasked convolution"
+        bounds = {"group_size": MAX_GROUP_SIZE, "chunk_size": MAX_GROUP_SIZE, "conv_kernel": MAX_CONV_KERNEL}
+        bounds |= {"linformer_max_len": MAX_LINFORMER_LEN, "linformer_rank": self.linformer_max_len}
+        for name, bound in bounds.items():
+            if (getattr(self, name) or 0) > bound:
+                raise LinconvError(f"--{name.replace('_', '-')} must be <= {bound}, got {getattr(self, name)}")
+        leak = next((s.leak for s in specs if s.leak), None)
+        if leak and not self.allow_noncausal:
             raise LinconvError(
-                f"{what} is not causal (it leaks future tokens and cannot decode); pass --allow-noncausal to build it anyway"
+                f"{leak} is not causal (it leaks future tokens and cannot decode); pass --allow-noncausal to build it anyway"
             )
         if num_layers is not None:
             bad = [i for i in self.keep_softmax_layers if not 0 <= i < num_layers]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from linconv.attention.module import LinconvAttention
+from linconv.checkpoint import load, made_by
 from linconv.config import LinearizeConfig
 from linconv.models import ADAPTERS, get_adapter
 from linconv.models.hf import build_linconv_model, linconv_tensor_names
+from linconv.sources import load_source, source_name
 
 
 @dataclass
@@ -38,13 +41,42 @@ def convert(
     ``model_or_path``: a loaded transformers causal LM, a local folder, a hub id, a .gguf file, or
     None for the default model. The new attention's own parameters get a seeded, deterministic init.
     """
-    from linconv.sources import load_source
-
-    config = config or LinearizeConfig()
     if not isinstance(model_or_path, nn.Module):
-        model_or_path, _ = load_source(model_or_path, ADAPTERS, dtype=dtype or torch.float32, device=device)
+        return load_and_convert(model_or_path, config, dtype=dtype, device=device)[0]
     get_adapter(model_or_path.config.model_type)
-    return build_linconv_model(model_or_path, config)
+    return build_linconv_model(model_or_path, config or LinearizeConfig())
+
+
+def load_and_convert(
+    source: str | Path | None = None,
+    config: LinearizeConfig | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, PreTrainedTokenizerBase, nn.Module]:
+    """``(converted, tokenizer, original)`` from a source (None: the default model, see
+    :func:`~linconv.sources.load_source`); the config records the source, which bench's baseline reads back."""
+    original, tokenizer = load_source(source, ADAPTERS, dtype=dtype or torch.float32, device=device)
+    config = replace(config or LinearizeConfig(), source=source_name(source))
+    return convert(original, config), tokenizer, original
+
+
+def load_or_convert(
+    checkpoint: str | Path | None, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase | None, nn.Module | None]:
+    """``(model, tokenizer, original)``: the linconv checkpoint folder ``checkpoint`` (original None),
+    or for None a fresh conversion of the default model with the default options."""
+    if checkpoint is None:
+        return load_and_convert(None, dtype=dtype, device=device)
+    model, tokenizer = load(checkpoint, dtype=dtype, device=device)
+    return model, tokenizer, None
+
+
+def conversion_card(model: nn.Module, recipe: str | None = None) -> dict:
+    """The ``linconv.json``/README card of a converted ``model``: what made it and when, its source,
+    the recipe named and every option."""
+    options = dict(model.config.linconv)
+    return {**made_by("convert"), "source": options.pop("source", None), "recipe": recipe, **options}
 
 
 def summarize(model: nn.Module) -> ConversionSummary:
@@ -60,6 +92,6 @@ def summarize(model: nn.Module) -> ConversionSummary:
         converted=converted,
         kept=[i for i in range(len(blocks)) if i not in converted],
         params_added=sum(params[n].numel() for n in linconv_tensor_names(model) if n in params),
-        conv_kernel=cfg.kernel,
+        conv_kernel=max((s.conv_taps for s in cfg.specs(len(blocks)) if s is not None), default=0),
         group_size=cfg.group_size,
     )

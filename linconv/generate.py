@@ -16,6 +16,7 @@ The engine returns tokens and timings and prints nothing; ``on_token`` streams.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from transformers import DynamicCache
 
 from linconv.compiled import compiled_decode_step, decode_step
 from linconv.errors import LinconvError
+from linconv.models import position_limit
 from linconv.models.hf import is_linconv
+from linconv.sampling import Sampler
 
 OnToken = Callable[[int, int, str], None]  # (row, token id, newly final text)
 
@@ -59,10 +62,9 @@ def context_limit(model) -> int | None:
     """Positions a model can use: a softmax model's trained context; None for a linconv model with
     rotary positions; absolute position embeddings (GPT-2) are a hard limit for both."""
     config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if is_linconv(config) and config.model_type != "linconv-gpt2":
-        return None
-    return limit
+    if is_linconv(config):
+        return position_limit(config)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def state_nbytes(cache) -> int:
@@ -128,49 +130,6 @@ class _Row:
         return delta
 
 
-class Sampler:
-    """Greedy (temperature 0) or temperature / top-k / top-p sampling from logits [B, V]."""
-
-    def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
-        self.generator: torch.Generator | None = None
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        return self.draw(self.probs(logits))
-
-    def probs(self, logits: Tensor) -> Tensor:
-        """The distribution sampled from: softmax(logits / T) restricted to top-k and top-p. [B, V]"""
-        logits = logits.float() / self.temperature
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = logits.topk(self.top_k, -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1:
-            sorted_logits, order = logits.sort(-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            drop = probs.cumsum(-1) - probs >= self.top_p  # mass before a token already reaches p; keeps the top one
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        return logits.softmax(-1)
-
-    def draw(self, probs: Tensor) -> Tensor:
-        """One token per row of ``probs`` [B, V]."""
-        return torch.multinomial(probs, 1, generator=self._generator(probs.device))[:, 0]
-
-    def uniform(self, device) -> float:
-        """A U(0, 1) draw from the same seeded generator (speculative acceptance tests)."""
-        return float(torch.rand((), generator=self._generator(device), device=device))
-
-    def _generator(self, device) -> torch.Generator:
-        if self.generator is None or self.generator.device != torch.device(device):
-            self.generator = torch.Generator(device)
-            if self.seed is not None:
-                self.generator.manual_seed(self.seed)
-            else:
-                self.generator.seed()
-        return self.generator
-
-
 def sync_device(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock timings are true (no-op on CPU)."""
     if device.type == "cuda":
@@ -194,8 +153,8 @@ def check_options(
     """Raise LinconvError for generation options that cannot work (before any model is loaded)."""
     if max_new_tokens <= 0:
         raise LinconvError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise LinconvError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses nan
+        raise LinconvError(f"--temperature must be >= 0 and finite (0 is greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise LinconvError(f"--top-k must be > 0, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -227,6 +186,9 @@ class Decoder(Protocol):
     def step(self, room: list[int]) -> list[list[int]]:
         """One step: each row's next tokens (at least one, at most ``room[row]``)."""
 
+    # Optional: ``prefilled(ids, hiddens)`` sees each prefill chunk's ids [B, t] and last hidden
+    # states [B, t, hidden] (an EAGLE draft reads the target's features from them).
+
 
 class PlainDecoder:
     """One token per row and step: the newest tokens through ``step`` (the model, eager or compiled:
@@ -256,14 +218,17 @@ class PlainDecoder:
         return [[t] for t in self.tokens.tolist()]
 
 
-def prefill(model, ids: Tensor, cache, chunk: int, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+def prefill(model, ids: Tensor, cache, chunk: int, mask: Tensor | None = None, positions: Tensor | None = None, on_chunk=None) -> Tensor:
     """Run ``ids`` [B, T] (left-padded where ``mask`` has zeros) through ``model`` into ``cache`` in
-    chunks of ``chunk`` tokens; returns the last position's final hidden states [B, hidden]."""
+    chunks of ``chunk`` tokens; returns the last position's final hidden states [B, hidden].
+    ``on_chunk(ids, hiddens)``, if given, sees each chunk's ids and hidden states [B, t, hidden]."""
     for s in range(0, ids.shape[1], chunk):
         e = min(s + chunk, ids.shape[1])
         extra = {} if mask is None else {"attention_mask": mask[:, :e], "position_ids": positions[:, s:e]}
-        hidden = model.base_model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **extra).last_hidden_state[:, -1]
-    return hidden
+        hidden = model.base_model(input_ids=ids[:, s:e], cache=cache, use_cache=True, **extra).last_hidden_state
+        if on_chunk is not None:
+            on_chunk(ids[:, s:e], hidden)
+    return hidden[:, -1]
 
 
 def _run(
@@ -274,7 +239,7 @@ def _run(
     positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
     sync_device(device)
     t0 = time.perf_counter()
-    hidden = prefill(model, ids, cache, chunk, mask, positions)
+    hidden = prefill(model, ids, cache, chunk, mask, positions, getattr(decoder, "prefilled", None))
     logits = model.get_output_embeddings()(hidden)
     tokens = sampler(logits)
     sync_device(device)

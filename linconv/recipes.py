@@ -3,14 +3,17 @@
 A recipe only lists what differs from the defaults of :class:`~linconv.config.LinearizeConfig` and
 :class:`~linconv.finetune.FinetuneConfig`, which *are* the default recipe: the best one measured on
 the default model (``tests/benchmarks/compare_variants.py``, README "Which variant"). Options given
-explicitly on the command line override the recipe's.
+explicitly (on the command line) override the recipe's: build a config with
+:meth:`Recipe.linearize_config` / :meth:`Recipe.finetune_config`, passing None for an option not given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from linconv.config import LinearizeConfig
 from linconv.errors import LinconvError
+from linconv.finetune import FinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,14 @@ class Recipe:
     def options(self, stage: str, given: dict) -> dict:
         """This recipe's options for ``stage`` ("convert" or "finetune"), overridden by the non-None ``given``."""
         return {**getattr(self, stage), **{k: v for k, v in given.items() if v is not None}}
+
+    def linearize_config(self, **given) -> LinearizeConfig:
+        """The conversion options: this recipe's, each overridden by a non-None ``given`` (not validated)."""
+        return LinearizeConfig(**self.options("convert", given))
+
+    def finetune_config(self, **given) -> FinetuneConfig:
+        """The fine-tuning options: this recipe's, each overridden by a non-None ``given`` (not validated)."""
+        return FinetuneConfig(**self.options("finetune", given))
 
 
 DEFAULT_RECIPE = "linconv"

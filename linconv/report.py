@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from linconv.bench.base import ROLES
+from linconv.bench.run import SCHEMA_VERSION
+from linconv.bench.tasks import TASKS
+from linconv.report_eval import eval_plot_path, eval_tables, save_figure, write_eval_plot
 
 stdout = Console()
 
@@ -52,8 +62,7 @@ def generation_line(result) -> str:
 
 # --- linconv bench: tables, a terminal chart, JSON, plots ----------------------------------------
 # Every ratio is linearized ÷ original (perplexity: lower is better; everything else: higher is better).
-
-BENCH_ROLES = ("original", "linearized")
+# A table reads its task's result, ``result.results[name]`` (see linconv.bench.tasks).
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -78,7 +87,7 @@ def bench_header_table(result) -> Table:
     table = Table(title="linconv bench", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    for role in BENCH_ROLES:
+    for role in ROLES:
         info = result.models.get(role)
         if info:
             n = info["parameters"]
@@ -88,11 +97,13 @@ def bench_header_table(result) -> Table:
             table.add_row(role, "none (--baseline none)")
     table.add_row("device", f"{env['device']} ({env['device_name']}) · {env['threads']} threads · torch {env['torch']}")
     table.add_row("tasks", ", ".join(s.tasks))
+    for note in result.notes:
+        table.add_row("adjusted", note)
     return table
 
 
 def perplexity_table(result) -> Table | None:
-    ppl = result.perplexity
+    ppl = result.results.get("ppl")
     if not ppl:
         return None
     any_ = next(iter(ppl.values()))
@@ -100,7 +111,7 @@ def perplexity_table(result) -> Table | None:
     title = f"Perplexity · {src}: {any_.windows} windows × {any_.window} tokens = {any_.tokens:,} tokens ({any_.scored:,} scored)"
     table = Table(title=title)
     table.add_column("")
-    for col in (*BENCH_ROLES, "ratio"):
+    for col in (*ROLES, "ratio"):
         table.add_column(col, justify="right")
     o, lin = ppl.get("original"), ppl.get("linearized")
     get = lambda r, f: None if r is None else f(r)
@@ -123,7 +134,7 @@ def _maxlen_cell(r) -> str:
 
 
 def maxlen_table(result) -> Table | None:
-    ml = result.max_length
+    ml = result.results.get("maxlen")
     if not ml:
         return None
     any_ = next(iter(next(iter(ml.values())).values()))
@@ -135,7 +146,7 @@ def maxlen_table(result) -> Table | None:
     )
     table = Table(title=title)
     table.add_column("")
-    for col in (*BENCH_ROLES, "ratio"):
+    for col in (*ROLES, "ratio"):
         table.add_column(col, justify="right")
     labels = {"forward": "one forward (as perplexity)", "generate": "prefill + {n} generated"}
     for mode, pair in ml.items():
@@ -149,14 +160,14 @@ def maxlen_table(result) -> Table | None:
         first = next(iter(ml.values()))
         table.add_row(
             "[dim]memory with the model loaded[/]",
-            *(f"[dim]{_gib(first[r].loaded_bytes) if r in first else '–'}[/]" for r in BENCH_ROLES),
+            *(f"[dim]{_gib(first[r].loaded_bytes) if r in first else '–'}[/]" for r in ROLES),
             "",
         )
     return table
 
 
 def speed_table(result) -> Table | None:
-    sp = result.speed
+    sp = result.results.get("speed")
     if not sp:
         return None
     any_ = next(iter(sp.values()))
@@ -188,11 +199,17 @@ def speed_table(result) -> Table | None:
 
 
 def leakage_table(result) -> Table | None:
-    r = result.leakage
+    r = result.results.get("leakage")
     if r is None:
         return None
-    table = Table(title=f"Leakage check (linearized) · {r.seq_len} random tokens, cut points {', '.join(map(str, r.cut_points))}")
-    for col in ("max |Δ logit| at ≤ t", "tolerance", "verdict"):
+    if r.declared:
+        table = Table(title="Leakage check (linearized) · not run: the model's config says it is not causal")
+        table.add_column("verdict", justify="right")
+        table.add_row(f"[bold red]LEAKS future tokens[/] ({r.declared})")
+        return table
+    title = f"Leakage check (linearized) · {r.seq_len} random tokens, cut points {', '.join(map(str, r.cut_points))}"
+    table = Table(title=title + f", new parameters randomised: {r.randomized}")
+    for col in ("max |Δ hidden| at ≤ t (relative)", "tolerance", "verdict"):
         table.add_column(col, justify="right")
     table.add_row(f"{r.max_change:.2e}", f"{r.tolerance:.0e}", "[bold red]LEAKS future tokens[/]" if r.leaks else "[green]causal[/]")
     return table
@@ -200,10 +217,10 @@ def leakage_table(result) -> Table | None:
 
 def decode_chart(result, width: int = 40) -> str | None:
     """Decode tokens/s against context as horizontal bars (rich markup), or None without speed data."""
-    sp = result.speed
+    sp = result.results.get("speed")
     if not sp:
         return None
-    series = {role: {p.context: p.decode_tokens_per_s for p in sp[role].points} for role in BENCH_ROLES if role in sp}
+    series = {role: {p.context: p.decode_tokens_per_s for p in sp[role].points} for role in ROLES if role in sp}
     top = max((v for s in series.values() for v in s.values()), default=0) or 1.0
     colors = {"original": "yellow", "linearized": "cyan"}
     lines = ["[bold]decode tokens/s vs context[/]"]
@@ -217,20 +234,25 @@ def decode_chart(result, width: int = 40) -> str | None:
 
 
 def spec_table(result) -> Table | None:
-    """Speculative decoding (prompt lookup) vs plain greedy decoding, per model and prompt kind."""
-    if not result.spec:
+    """Speculative decoding vs plain greedy decoding, per model, prompt kind and draft."""
+    points = result.results.get("spec")
+    if not points:
         return None
-    table = Table(title=f"Speculative decoding (prompt lookup, greedy, {result.spec[0].new_tokens} new tokens)")
-    for col in ("model", "prompt", "plain tok/s", "spec tok/s", "×", "accept", "tok/step", "draft tokens accepted: steps", "same"):
-        table.add_column(col, justify="left" if col in ("model", "prompt", "draft tokens accepted: steps") else "right")
-    for p in result.spec:
+    table = Table(title=f"Speculative decoding (greedy, {points[0].new_tokens} new tokens)")
+    left = ("model", "prompt", "draft", "accept by depth", "draft tokens accepted: steps")
+    columns = ("model", "prompt", "draft", "plain tok/s", "spec tok/s", "×", "accept", "accept by depth", "tok/step")
+    for col in (*columns, "draft tokens accepted: steps", "same"):
+        table.add_column(col, justify="left" if col in left else "right")
+    for p in points:
         table.add_row(
             p.model,
             p.prompt,
+            p.draft,
             f"{p.plain_tokens_per_s:.1f}",
             f"{p.spec_tokens_per_s:.1f}",
             f"{p.speedup:.2f}×",
             f"{p.acceptance_rate:.0%}",
+            " ".join(f"{a:.0%}" for a in p.acceptance_by_depth),
             f"{p.mean_tokens_per_step:.2f}",
             str(p.histogram),
             "yes" if p.identical else "[red]NO[/]",
@@ -239,7 +261,7 @@ def spec_table(result) -> Table | None:
 
 
 def print_bench(result) -> None:
-    """Every table of a bench result that has data, then the chart."""
+    """Every table of a bench result that has data, then the chart, then the evaluations' tables."""
     for table in (
         bench_header_table(result),
         leakage_table(result),
@@ -253,6 +275,8 @@ def print_bench(result) -> None:
     chart = decode_chart(result)
     if chart:
         stdout.print(chart, highlight=False)
+    for table in eval_tables(result):
+        stdout.print(table)
 
 
 def _plain(x):
@@ -266,105 +290,27 @@ def _plain(x):
     return x
 
 
-def _div(a, b):
-    return a / b if a is not None and b else None
-
-
 def bench_json(result) -> dict:
-    """The result as a JSON object with a stable schema (``schema_version``); every top-level key is
-    always present, ``null`` for a task that did not run."""
-    from dataclasses import asdict
-
-    from linconv.bench.run import SCHEMA_VERSION
-
-    def roles(d: dict, fn):
-        return {role: fn(d[role]) if role in d else None for role in BENCH_ROLES}
-
+    """The result as a JSON object with a stable schema (``schema_version``): the run's settings and
+    environment, then one key per registered task, ``null`` for a task that did not run."""
     out = {
         "schema_version": SCHEMA_VERSION,
         "status": result.status,
         "created": result.created,
         "settings": asdict(result.settings),
         "environment": result.environment,
-        "models": {role: result.models.get(role) for role in BENCH_ROLES},
+        "models": {role: result.models.get(role) for role in ROLES},
         "text": result.text,
-        "perplexity": None,
-        "max_length": None,
-        "speed": None,
-        "leakage": None,
-        "spec": [p.to_dict() for p in result.spec] or None,
+        **{task.key: task.json(result.results[name], result.settings) if name in result.results else None for name, task in TASKS.items()},
         "completed": list(result.completed),
         "errors": list(result.errors),
+        "notes": list(result.notes),
     }
-    if result.perplexity:
-        any_ = next(iter(result.perplexity.values()))
-        fig = lambda r: {"perplexity": r.perplexity, "nll": r.nll, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s}
-        ppl = {
-            "window": any_.window,
-            "windows": any_.windows,
-            "tokens": any_.tokens,
-            "scored": any_.scored,
-            **roles(result.perplexity, fig),
-        }
-        ppl["ratio"] = _div(*(ppl[r] and ppl[r]["perplexity"] for r in ("linearized", "original")))
-        out["perplexity"] = ppl
-    if result.max_length:
-        any_ = next(iter(next(iter(result.max_length.values())).values()))
-        ml = {
-            "budget_bytes": any_.budget_bytes,
-            "cap": any_.cap,
-            "trial_timeout_s": any_.timeout_s,
-            "granularity": any_.granularity,
-            "start": result.settings.max_len_start,
-            "new_tokens": result.settings.maxlen_new_tokens,
-            "forward": None,
-            "generate": None,
-        }
-        fig = lambda r: {
-            "max_length": r.max_length,
-            "bound": r.bound,
-            "first_failure": r.first_failure,
-            "loaded_bytes": r.loaded_bytes,
-            "seconds": r.seconds,
-            "trials": [asdict(t) for t in r.trials],
-        }
-        for mode, pair in result.max_length.items():
-            ml[mode] = roles(pair, fig)
-            ml[mode]["ratio"] = _div(*(ml[mode][r] and ml[mode][r]["max_length"] for r in ("linearized", "original")))
-        out["max_length"] = ml
-    if result.speed:
-        any_ = next(iter(result.speed.values()))
-        sp = {
-            "contexts": list(result.settings.contexts),
-            "decode_tokens": any_.decode_tokens,
-            "repeats": result.settings.repeats,
-            "prefill_chunk": any_.prefill_chunk,
-            "warmup": any_.warmup,
-            **roles(result.speed, lambda r: [asdict(p) for p in r.points]),
-        }
-        ratios = []
-        if sp["original"] and sp["linearized"]:
-            for a, b in zip(sp["original"], sp["linearized"]):
-                ratios.append(
-                    {
-                        "context": a["context"],
-                        "prefill": _div(b["prefill_tokens_per_s"], a["prefill_tokens_per_s"]),
-                        "decode": _div(b["decode_tokens_per_s"], a["decode_tokens_per_s"]),
-                    }
-                )
-        sp["ratio"] = ratios
-        out["speed"] = sp
-    if result.leakage is not None:
-        out["leakage"] = {**asdict(result.leakage), "leaks": result.leakage.leaks}
     return _plain(out)
 
 
 def write_json(result, path) -> None:
     """Write :func:`bench_json` to ``path`` atomically (a reader never sees half a file)."""
-    import json
-    import os
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -374,17 +320,17 @@ def write_json(result, path) -> None:
 
 def write_plot(result, path) -> bool:
     """PNG of tokens/s and memory against context length (matplotlib, Agg backend); False if no data."""
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s) and needed by --plot only
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sp, ml = result.speed, result.max_length
+    sp, ml = result.results.get("speed", {}), result.results.get("maxlen", {})
     if not sp and not ml:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     colors = {"original": "tab:orange", "linearized": "tab:blue"}
-    for role in BENCH_ROLES:
+    for role in ROLES:
         if role in sp:
             pts = sp[role].points
             ctx = [p.context for p in pts]
@@ -419,11 +365,17 @@ def write_plot(result, path) -> bool:
         if ax.lines:
             ax.legend(fontsize=7)
     env = result.environment
-    fig.suptitle(f"linconv bench · {env['device']} · {env['dtype']} · {env['threads']} threads", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"linconv bench · {env['device']} · {env['dtype']} · {env['threads']} threads")
     return True
+
+
+def write_plots(result, path) -> list[Path]:
+    """The PNGs of ``--plot PATH``: tokens/s and memory at ``path`` (:func:`write_plot`), the evaluations'
+    figure beside it (:func:`eval_plot_path`; at ``path`` itself when there is no speed or memory data)."""
+    path = Path(path)
+    written = [path] if write_plot(result, path) else []
+    evals = eval_plot_path(path) if written else path
+    return written + ([evals] if write_eval_plot(result, evals) else [])
 
 
 def speculative_line(result) -> str:

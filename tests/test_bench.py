@@ -5,6 +5,7 @@ and one-line errors, partial results saved when a later task fails."""
 import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,13 +19,16 @@ from typer.testing import CliRunner
 import linconv
 from linconv import report
 from linconv.bench import maxlen as maxlen_mod
-from linconv.bench import run as run_mod
-from linconv.bench.maxlen import GIB, ProcessTrial, Trial, search_max_length
+from linconv.bench import trials
+from linconv.bench.maxlen import search_max_length
 from linconv.bench.perplexity import perplexity
 from linconv.bench.run import BenchSettings, run_bench
+from linconv.bench.tasks import DEFAULT_TASKS, TASKS
+from linconv.bench.trials import GIB, ProcessTrial, Trial
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
+from linconv.progress import Progress
 
 runner = CliRunner()
 TEXT = " ".join(["the quick brown fox jumps over the lazy dog. linear attention replaces softmax with a kernel feature map."] * 60)
@@ -149,9 +153,9 @@ def test_trial_processes_memory_and_time_limits(tmp_path):
     - a budget below the loaded model is a one-line LinconvError, not a result.
     """
     save_tiny("llama", tmp_path / "wide", hidden_size=64, intermediate_size=8192, num_attention_heads=4, num_key_value_heads=4)
-    budget = maxlen_mod.process_rss(os.getpid()) + 300 * 2**20
+    budget = trials.process_rss(os.getpid()) + 300 * 2**20
     bloat = torch.ones(2**28)  # 1 GiB resident in the parent while the children start
-    parent_rss = maxlen_mod.process_rss(os.getpid())
+    parent_rss = trials.process_rss(os.getpid())
     memory = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=budget, timeout_s=120, threads=1)
     fits = ProcessTrial(tmp_path / "wide", "forward", budget_bytes=64 * GIB, timeout_s=120, threads=1)
     slow = ProcessTrial(tmp_path / "wide", "generate", budget_bytes=64 * GIB, timeout_s=0.0, threads=1)
@@ -186,11 +190,15 @@ EXPECTED_KEYS = {
     "": [
         "completed",
         "created",
+        "downstream",
         "environment",
         "errors",
         "leakage",
+        "long_perplexity",
         "max_length",
         "models",
+        "notes",
+        "passkey",
         "perplexity",
         "schema_version",
         "settings",
@@ -207,15 +215,23 @@ EXPECTED_KEYS = {
         "decode_tokens",
         "device",
         "dtype",
+        "eval_include",
+        "eval_limit",
+        "eval_tasks",
         "granularity",
+        "long_tokens",
         "max_len_cap",
         "max_len_start",
         "maxlen_new_tokens",
         "memory_budget_gib",
+        "passkey_depths",
+        "passkey_lengths",
+        "passkey_trials",
         "ppl_tokens",
         "ppl_window",
         "prefill_chunk",
         "repeats",
+        "spec_drafts",
         "spec_tokens",
         "tasks",
         "text",
@@ -229,13 +245,13 @@ EXPECTED_KEYS = {
     "max_length.generate": ["linearized", "original", "ratio"],
     "max_length.generate.original": ["bound", "first_failure", "loaded_bytes", "max_length", "seconds", "trials"],
     "speed": ["contexts", "decode_tokens", "linearized", "original", "prefill_chunk", "ratio", "repeats", "warmup"],
-    "leakage": ["cut_points", "leaks", "max_change", "seq_len", "tolerance"],
+    "leakage": ["boundaries", "cut_points", "declared", "leaks", "max_change", "randomized", "seq_len", "tolerance"],
     "text": ["characters", "source", "tokens", "tokens_used"],
 }
 
 
 def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
-    monkeypatch.setattr(run_mod, "ProcessTrial", FakeTrial)
+    monkeypatch.setattr(maxlen_mod, "ProcessTrial", FakeTrial)
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     res = runner.invoke(
         app,
@@ -285,10 +301,49 @@ def test_full_run_json_schema_is_stable(folders, monkeypatch, tmp_path):
 def test_run_bench_perplexity_uses_the_same_tokens(folders):
     s = BenchSettings(checkpoint=str(folders["ckpt"]), text=str(folders["text"]), tasks=("ppl",), ppl_window=32, ppl_tokens=128, threads=1)
     result = run_bench(s)
-    lin, orig = result.perplexity["linearized"], result.perplexity["original"]
+    lin, orig = result.results["ppl"]["linearized"], result.results["ppl"]["original"]
     assert (lin.tokens, lin.windows) == (orig.tokens, orig.windows) == (128, 4)
     assert result.status == "complete"
     assert report.bench_json(result)["perplexity"]["ratio"] == pytest.approx(lin.perplexity / orig.perplexity)
+
+
+class Recorder(Progress):
+    """Keeps every call, to check what a run reports and in which order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self, task, total=None, completed=0):
+        self.calls.append(("start", task))
+
+    def update(self, task, completed, total=None, **fields):
+        self.calls.append(("update", task))
+
+    def message(self, text):
+        self.calls.append(("message", text))
+
+    def end(self, task):
+        self.calls.append(("end", task))
+
+
+def test_run_bench_reports_every_task_through_progress_in_run_order(folders):
+    s = BenchSettings(checkpoint=str(folders["ckpt"]), text=str(folders["text"]), tasks=("ppl", "leakage"), ppl_window=32, ppl_tokens=64)
+    recorder = Recorder()
+    result = run_bench(s, progress=recorder)
+    started = [task for kind, task in recorder.calls if kind == "start"]
+    assert started == ["setup", "leakage · linearized", "perplexity · original", "perplexity · linearized"]
+    bounds = [call for call in recorder.calls if call[0] in ("start", "end")]
+    assert bounds == [(kind, task) for task in started for kind in ("start", "end")]  # each ends before the next starts
+    assert result.completed == ["leakage", "ppl"] and set(result.results) == {"leakage", "ppl"}
+
+
+def test_tasks_option_is_the_registry():
+    """--tasks help lists every registered task, and its default is the registry's default set."""
+    res = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    for name, task in TASKS.items():
+        assert f"{name} ({task.description})" in res.output
+    assert f"[default: {','.join(DEFAULT_TASKS)}]" in res.output and "spec" not in DEFAULT_TASKS
 
 
 def one_line_error(res, *fragments):
@@ -358,7 +413,11 @@ def test_partial_results_are_saved_when_a_later_task_fails(folders, tmp_path):
     one_line_error(res, "maxlen:", "smaller than the model", "partial results")
     data = json.loads(out.read_text())
     assert data["status"] == "failed" and data["completed"] == ["ppl"]
-    assert data["perplexity"]["original"]["perplexity"] > 1 and data["max_length"] is None
+    from linconv.sources import load_source
+
+    base, tokens = load_source(str(folders["base"]), ["llama"])[0], tiny_tokenizer()(TEXT)["input_ids"]
+    expected = reference_perplexity(base, torch.tensor(tokens[:256]), 32)
+    assert data["perplexity"]["original"]["perplexity"] == pytest.approx(expected, rel=1e-5) and data["max_length"] is None
     assert data["errors"][0]["task"] == "maxlen"
 
 
@@ -411,3 +470,43 @@ def test_spec_decode_section(folders, tmp_path):
     assert all(p["identical"] and p["new_tokens"] == 6 for p in spec)
     bad = runner.invoke(app, ["bench", str(folders["ckpt"]), *FAST, "--tasks", "leakage", "--spec-decode", "--spec-tokens", "0"])
     assert bad.exit_code == 1 and "--spec-tokens must be > 0" in bad.output
+
+
+def test_spec_decode_compares_every_draft_saved_with_the_checkpoint(folders, tmp_path):
+    from linconv.speculative.eagle import EagleHead, save_eagle
+    from linconv.speculative.medusa import MedusaHeads, save_medusa
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(folders["ckpt"], ckpt)
+    model = linconv.load(ckpt)[0]
+    save_medusa(MedusaHeads.for_model(model, 2), ckpt)
+    save_eagle(EagleHead.for_model(model), ckpt)
+    out = tmp_path / "s.json"
+    args = ["bench", str(ckpt), "--text", str(folders["text"]), *FAST, "--tasks", "leakage", "--spec-decode", "--spec-tokens", "5"]
+    res = runner.invoke(app, [*args, "--spec-drafts", f"auto,model:{folders['ckpt']}", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    spec = json.loads(out.read_text())["spec"]
+    drafts = {m: {p["draft"] for p in spec if p["model"] == m} for m in ("original", "linearized")}
+    other = f"model:{folders['ckpt']}"  # a linconv draft model
+    assert drafts == {"original": {"lookup", other}, "linearized": {"lookup", "medusa", "eagle", other}}
+    assert all(p["identical"] for p in spec) and all(len(p["acceptance_by_depth"]) >= 1 for p in spec if p["draft"] == "eagle")
+    res = runner.invoke(app, ["bench", str(folders["ckpt"]), *args[2:], "--spec-drafts", "eagle"])
+    assert res.exit_code == 1 and "no EAGLE head" in res.output
+
+
+def test_gpt2_default_settings_fit_its_positions(tmp_path):
+    """A GPT-2 takes at most n_positions tokens: the default contexts, window, caps and speculative
+    prompts are cut to fit (and the report says so) instead of crashing."""
+    base = tmp_path / "gpt2"
+    save_tiny("gpt2", base)  # n_positions = 128
+    model = linconv.convert(str(base), linconv.LinearizeConfig(source=str(base), group_size=8, conv_kernel=3))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "ckpt", card={})
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "g.json"
+    args = ["bench", str(tmp_path / "ckpt"), "--text", str(tmp_path / "text.txt"), "--tasks", "ppl,speed,leakage", "--spec-decode"]
+    res = runner.invoke(app, [*args, "--ppl-tokens", "256", "--repeats", "1", "--threads", "1", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["contexts"] == [112] and data["settings"]["ppl_window"] == 128 and data["settings"]["spec_tokens"] == 32
+    assert data["settings"]["max_len_cap"] == 120 and "at most 128 tokens" in data["notes"][0] and "adjusted" in res.output
+    assert all(p["identical"] for p in data["spec"]) and data["leakage"]["leaks"] is False

@@ -1,6 +1,7 @@
 """``linconv convert`` from the command line: success on a tiny folder, and every error path."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +129,9 @@ def test_existing_output_needs_overwrite(tiny_src, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_converts_in_under_a_minute(tmp_path):
+def test_default_model_converts(tmp_path, record_property):
+    """Converts the default model and records how long it took (a junit property) without failing
+    on a loaded machine, where a wall-clock limit would."""
     import time
 
     pytest.importorskip("gguf")
@@ -140,6 +143,45 @@ def test_default_model_converts_in_under_a_minute(tmp_path):
         pytest.skip("default model wheel not installed")
     start = time.perf_counter()
     result = invoke(tmp_path / "smol")
+    record_property("seconds", round(time.perf_counter() - start, 1))
     assert result.exit_code == 0, result.output
-    assert time.perf_counter() - start < 60
     assert json.loads((tmp_path / "smol" / "config.json").read_text())["num_hidden_layers"] == 30
+
+
+def test_overwrite_replaces_a_file_or_a_link_and_leaves_no_sibling(tiny_src, tmp_path):
+    (tmp_path / "file").write_text("old")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    for name in ("file", "link"):
+        result = invoke(tiny_src, tmp_path / name, "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name / "config.json").is_file() and not (tmp_path / name).is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "target"]  # no .old, no temporary
+
+
+def test_a_killed_save_is_cleaned_up_by_the_next_one_and_a_live_one_is_not(tmp_path):
+    """A save killed mid-way leaves its unlocked temporary folder; the next save of the same output
+    removes it once it is a minute old. A live save's folder is locked (flock) and stays."""
+    import fcntl
+    import os
+    import tempfile
+
+    from linconv.checkpoint import TMP_TAG, atomic_folder
+
+    out = tmp_path / "lin"
+    killed, live, fresh = (Path(tempfile.mkdtemp(prefix=f".lin{TMP_TAG}", dir=tmp_path)) for _ in range(3))
+    (killed / "model.safetensors").write_bytes(b"half a model")
+    for folder in (killed, live):
+        os.utime(folder, (0, 0))  # long ago
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the lock a running save holds
+    try:
+        with atomic_folder(out) as tmp:
+            (tmp / "x").write_text("done")
+            probe = os.open(tmp, os.O_RDONLY)
+            with pytest.raises(BlockingIOError):  # this save holds the lock on its own folder too
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(probe)
+    finally:
+        os.close(fd)
+    assert not killed.exists() and live.is_dir() and fresh.is_dir() and (out / "x").is_file()

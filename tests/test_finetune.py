@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,13 +18,15 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import linconv
+from linconv import selfgen
 from linconv.bench.perplexity import perplexity
 from linconv.checkpoint import save_checkpoint
 from linconv.cli import app
 from linconv.errors import LinconvError
-from linconv.finetune import FinetuneConfig, Reporter, finetune, lora_target_modules, resume_folder
-from linconv.loss import lm_loss
+from linconv.finetune import STAGES, FinetuneConfig, finetune, lora_target_modules, resume_folder
+from linconv.loss import distill_loss, lm_loss
 from linconv.models.hf import linconv_tensor_names
+from linconv.progress import Progress
 from linconv.speculative.medusa import MedusaHeads, load_medusa, medusa_loss, save_medusa
 
 runner = CliRunner()
@@ -137,14 +140,14 @@ def test_merge_equals_adapter(data, tmp_path):
     assert not torch.allclose(plain, want, atol=1e-4)  # the adapter matters
 
 
-class Interrupter(Reporter):
+class Interrupter(Progress):
     """Sends itself Ctrl-C after the given (stage, step)s, as a user would."""
 
     def __init__(self, at):
         self.at = set(at)
 
-    def step(self, stage, step, loss, lr, tokens_per_s):
-        if (stage, step) in self.at:
+    def update(self, task, completed, total=None, **fields):
+        if (task, completed) in self.at:
             os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -164,7 +167,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(data, tmp_path):
     out = tmp_path / "b"
     for at in [("transfer", 1), ("lora", 3), ("medusa", 2)]:
         with pytest.raises(KeyboardInterrupt):
-            finetune(data / "llama", out, cfg, device="cpu", resume=resume_folder(out).exists(), reporter=Interrupter([at]))
+            finetune(data / "llama", out, cfg, device="cpu", resume=resume_folder(out).exists(), progress=Interrupter([at]))
         progress = json.loads((resume_folder(out) / "progress.json").read_text())
         assert (progress["stage"], progress["step"]) == at and not out.exists()
     resumed = finetune(data / "llama", out, cfg, device="cpu", resume=True)
@@ -177,25 +180,25 @@ def test_resume_is_identical_to_an_uninterrupted_run(data, tmp_path):
 
 
 class SeesPeriodicSave(Interrupter):
-    def step(self, stage, step, loss, lr, tokens_per_s):
-        if step == 3:
+    def update(self, task, completed, total=None, **fields):
+        if completed == 3:
             self.saved = json.loads((resume_folder(self.out) / "progress.json").read_text())["step"]
-        super().step(stage, step, loss, lr, tokens_per_s)
+        super().update(task, completed, total, **fields)
 
 
 def test_periodic_save_and_cli_resume(data, tmp_path):
     out = tmp_path / "out"
-    reporter = SeesPeriodicSave([("transfer", 3)])
-    reporter.out = out
+    progress = SeesPeriodicSave([("transfer", 3)])
+    progress.out = out
     with pytest.raises(KeyboardInterrupt):
         finetune(
             data / "llama",
             out,
             FinetuneConfig(text=str(data / "text.txt"), seq_len=16, transfer_steps=6, lora_steps=0, save_every=2),
             device="cpu",
-            reporter=reporter,
+            progress=progress,
         )
-    assert reporter.saved == 2  # written by --save-every before the Ctrl-C
+    assert progress.saved == 2  # written by --save-every before the Ctrl-C
     args = [
         "finetune",
         data / "llama",
@@ -220,6 +223,53 @@ def test_periodic_save_and_cli_resume(data, tmp_path):
     assert "transfer" in result.output and out.is_dir() and not resume_folder(out).exists()
 
 
+def _damage(partial: Path, how) -> None:
+    if isinstance(how, dict):  # fields of progress.json to change
+        progress = json.loads((partial / "progress.json").read_text())
+        (partial / "progress.json").write_text(json.dumps({**progress, **how}))
+    elif isinstance(how, str):  # a file to remove
+        (partial / how).unlink()
+    else:  # new bytes of progress.json
+        (partial / "progress.json").write_bytes(how)
+
+
+def test_a_damaged_or_foreign_resume_state_is_a_one_line_error(data, tmp_path):
+    out = tmp_path / "out"
+    cfg = FinetuneConfig(text=str(data / "text.txt"), seq_len=16, transfer_steps=3, lora_steps=0)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data / "llama", out, cfg, device="cpu", progress=Interrupter([("transfer", 1)]))
+    partial, good = resume_folder(out), tmp_path / "good"
+    shutil.copytree(partial, good)
+    truncated = (partial / "progress.json").read_bytes()[:50]
+    cases = [
+        (truncated, "cannot read the resume state"),
+        (b"\x00\xff garbage", "cannot read the resume state"),
+        (b"[1, 2]", "is damaged (bad or missing stage, step, config, world_size, checkpoint, losses, evals)"),
+        ({"step": "1"}, "is damaged (bad or missing step)"),
+        ({"stage": "distill"}, "stopped in stage 'distill', which this run does not have (transfer)"),
+        ({"step": 7}, "stopped at step 7 of transfer, which has 3 steps"),
+        ({"checkpoint": str(data / "gpt2")}, f"continues a fine-tune of {data / 'gpt2'}, not of {data / 'llama'}"),
+        ({"world_size": 2}, "was made with 2 processes, this run has 1"),
+        ("optimizer.safetensors", "lacks optimizer.safetensors; start over with --overwrite"),
+        ("optimizer.json", "lacks optimizer.json"),
+        ("trainable.safetensors", "lacks trainable.safetensors"),
+    ]
+    args = ["--text", data / "text.txt", "--seq-len", 16, "--transfer-steps", 3, "--lora-steps", 0, "--device", "cpu", "--resume"]
+    for how, message in cases:
+        shutil.rmtree(partial)
+        shutil.copytree(good, partial)
+        _damage(partial, how)
+        result = invoke(data / "llama", out, *args)
+        assert result.exit_code == 1 and message in result.output, (how, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists(), result.output
+    shutil.rmtree(partial)
+    shutil.copytree(good, partial)
+    result = invoke(data / "llama", out, *args)
+    assert result.exit_code == 0, result.output
+    finetune(data / "llama", tmp_path / "straight", cfg, device="cpu")
+    assert not changed(weights(tmp_path / "straight"), weights(out))
+
+
 def test_eval_every_reports_heldout_perplexity(data, tmp_path):
     result = run(data, tmp_path / "out", transfer_steps=2, lora_steps=2, eval_every=1, eval_windows=2, eval_text=str(data / "text.txt"))
     assert [(e["stage"], e["step"]) for e in result.evals] == [("start", 0), ("transfer", 1), ("transfer", 2), ("lora", 1), ("lora", 2)]
@@ -229,8 +279,13 @@ def test_eval_every_reports_heldout_perplexity(data, tmp_path):
 
 
 def test_default_heldout_text_is_used_for_eval(data, tmp_path):
+    from linconv.data import builtin_text, tokenize
+
     result = run(data, tmp_path / "out", transfer_steps=1, eval_every=1, eval_windows=1)
-    assert len(result.evals) == 2 and all(e["perplexity"] > 1 for e in result.evals)
+    model, tok = linconv.load(data / "llama")
+    first = tokenize(tok, builtin_text("heldout")[:2000])[:16]  # the first window of the held-out plays
+    assert [e["stage"] for e in result.evals] == ["start", "transfer"]
+    assert result.evals[0]["perplexity"] == pytest.approx(perplexity(model, first, window=16).perplexity, rel=1e-5)
 
 
 def test_chunked_loss_equals_the_models_loss(data):
@@ -443,7 +498,7 @@ def test_variant_without_trainable_attention_parameters_skips_transfer(tmp_path)
     (tmp_path / "text.txt").write_text(("\n".join(_CORPUS) + "\n") * 4)
     messages = []
 
-    class Log(Reporter):
+    class Log(Progress):
         def message(self, text):
             messages.append(text)
 
@@ -452,7 +507,7 @@ def test_variant_without_trainable_attention_parameters_skips_transfer(tmp_path)
         tmp_path / "out",
         FinetuneConfig(text=str(tmp_path / "text.txt"), seq_len=16, transfer_steps=2, lora_steps=1),
         device="cpu",
-        reporter=Log(),
+        progress=Log(),
     )
     assert any("transfer: this model has no trainable attention parameters" in m for m in messages)
     assert [s.name for s in result.stages if s.losses] == ["lora"]
@@ -473,6 +528,12 @@ def test_finetuning_a_finetuned_checkpoint_keeps_its_history(data, tmp_path):
     assert earlier["finetuned_from"] == str(data / "llama") and earlier["transfer_steps"] == 1 and earlier["heldout_perplexity"]
 
 
+def test_every_stage_has_its_own_name_and_seed_number():
+    """The number seeds a stage's data order: two stages sharing one would see the same windows."""
+    assert len({s.name for s in STAGES}) == len({s.number for s in STAGES}) == len(STAGES)
+    assert [s.name for s in STAGES] == ["transfer", "lora", "medusa", "eagle"]
+
+
 def test_recipe_options_are_overridden_by_explicit_ones():
     from linconv.recipes import Recipe
 
@@ -480,3 +541,73 @@ def test_recipe_options_are_overridden_by_explicit_ones():
     assert recipe.options("finetune", {"lr": None, "seq_len": 8, "lora_rank": None}) == {"lr": 0.5, "seq_len": 8}
     assert recipe.options("convert", {"attention": "relu", "group_size": None}) == {"group_size": 32, "attention": "relu"}
     FinetuneConfig(**recipe.options("finetune", {})).validate()
+
+
+# --------------------------------------------------------------------------------- distillation and own text
+
+
+@pytest.mark.parametrize("loss", ["kl", "mix"])
+def test_distillation_loss_trains_toward_the_original(data, tmp_path, loss):
+    """--loss kl/mix: the LoRA stage's loss is distill_loss (checked against it at step 0) and falls.
+    An elu model with loud attention and sharp logits starts far from its original: something to learn."""
+    original = tiny_model("llama")
+    with torch.no_grad():
+        original.model.norm.weight.mul_(50)
+        for layer in original.model.layers:
+            layer.self_attn.o_proj.weight.mul_(30)
+    model = linconv.convert(original, linconv.LinearizeConfig(attention="elu"))
+    save_checkpoint(model, tiny_tokenizer(), tmp_path / "elu", card={"made_by": "test"})
+    options = dict(text=str(data / "one.txt"), seq_len=16, batch_size=1, transfer_steps=0, lora_steps=8, lr=1e-4, warmup=0.0, loss=loss)
+    result = finetune(tmp_path / "elu", tmp_path / "out", FinetuneConfig(**options), device="cpu")
+    losses = result.stages[0].losses
+    window = tiny_tokenizer()(_CORPUS[1])["input_ids"][:16]
+    expected = distill_loss(model, torch.tensor([window]), alpha=0.5 if loss == "mix" else 0.0).item()
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+    assert losses[-1] < 0.97 * losses[0] and sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_text_mix_trains_on_text_the_original_wrote(data, tmp_path, monkeypatch):
+    """--text-mix selfgen:0.5 samples the original's own text once (cached) and mixes it in."""
+    monkeypatch.setenv("LINCONV_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = selfgen.self_generated_text
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out.new_tokens)
+        return out
+
+    monkeypatch.setattr(selfgen, "self_generated_text", spy)
+    small = dict(lora_steps=2, text_mix="selfgen:0.5")
+    run(data, tmp_path / "a", **small)
+    run(data, tmp_path / "b", **small)
+    assert len(calls) == 2 and calls[0] > 0 and calls[1] == 0  # sampled once, then read from the cache
+    assert list((tmp_path / "cache" / "selfgen").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (dict(loss="xent"), "unknown --loss"),
+        (dict(kl_temperature=float("nan")), "--kl-temperature"),
+        (dict(mix_alpha=1.5), "--mix-alpha"),
+        (dict(text_mix="wiki:0.5"), "wiki"),
+    ],
+)
+def test_distillation_options_are_checked(options, says):
+    with pytest.raises(LinconvError, match=says):
+        FinetuneConfig(**options).validate()
+
+
+def test_a_resume_state_from_before_an_option_existed_resumes_with_its_default(tmp_path):
+    """A state saved by an older linconv lacks the newer options: it ran with their defaults."""
+    from linconv.finetune.resume import ResumeState
+
+    now = FinetuneConfig().fingerprint()
+    older = {k: v for k, v in now.items() if k not in ("loss", "text_mix")}
+    state = ResumeState("lora", 3, older, 1, str(tmp_path), {}, [])
+    for name in ("trainable.safetensors", "optimizer.safetensors", "optimizer.json"):
+        (tmp_path / name).touch()
+    state.check(tmp_path, now, 1, tmp_path, {"transfer": 20, "lora": 60})  # no error
+    with pytest.raises(LinconvError, match="--loss"):
+        state.check(tmp_path, {**now, "loss": "kl"}, 1, tmp_path, {"transfer": 20, "lora": 60})

@@ -133,9 +133,10 @@ def test_compile_plan_falls_back_to_eager_without_a_compiler(monkeypatch):
 
 @torch.inference_mode()
 def test_state_size_is_constant_in_context_length():
-    model = converted("llama", group_size=64, conv_kernel=32)  # the default model's G and K
+    """The state (group buffer included: whole-group slots, allocated once) has one size at any length."""
+    model = converted("llama", group_size=64, conv_kernel=32)  # the paper's G and K
     sizes = {}
-    for n in (1024 + 5, 4096 + 5):  # equal mod G: the same number of buffered tokens in the current group
+    for n in (2048, 1024 + 5, 4096 + 5, 1024 + 63, 4096 + 40):  # residues 0, 5, 5, 63, 40 mod G
         res = generate(model, prompt(n), max_new_tokens=3, prefill_chunk=1024)
         sizes[n] = (res.state_bytes_prefill, res.state_bytes_end)
     assert len(set(sizes.values())) == 1, sizes
@@ -343,15 +344,15 @@ def test_cli_prompt_file_sampling_and_stop(checkpoint, tmp_path):
         0.9,
         "--seed",
         3,
-        "--stop",
-        "zzz",
-        "--stop",
-        "qqq",
         "--no-chat",
     ]
     first, second = invoke(*args), invoke(*args)
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout
+    text = first.stdout.rstrip("\n")
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # fires in the middle of the text
+    stopped = invoke(*args, "--stop", "never-there", "--stop", stop)
+    assert stopped.exit_code == 0 and stopped.stdout == text[: text.index(stop)] + "\n", (text, stop, stopped.stdout)
 
 
 @pytest.mark.parametrize(
@@ -387,4 +388,4 @@ def test_cli_refuses_a_folder_that_is_not_linconv(tmp_path):
 
 
 def test_cli_usage_error_exits_non_zero():
-    assert invoke("--max-new-tokens", "many").exit_code == 2
+    assert invoke("--max-new-tokens", "many").exit_code == 1  # one line, like every bad input

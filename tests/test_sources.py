@@ -87,12 +87,20 @@ def test_garbage_safetensors(tiny_dir):
     assert str(weights) in _one_line(err)
 
 
-def test_missing_weights(tiny_dir):
+def test_missing_or_pickled_weights(tiny_dir):
+    """Safetensors only: no weights, or pickle weights that transformers would happily unpickle."""
+    from safetensors.torch import load_file
+
     folder = tiny_dir("llama")
+    state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     with pytest.raises(LinconvError) as err:
         load_source(folder, SUPPORTED)
-    assert "could not load the weights" in _one_line(err)
+    assert "has no weights" in _one_line(err)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(LinconvError) as err:
+        load_source(folder, SUPPORTED)
+    assert "pickle weights (pytorch_model.bin)" in _one_line(err) and "save_pretrained" in _one_line(err)
 
 
 def test_broken_tokenizer(tiny_dir):

@@ -1,7 +1,8 @@
 """Feature maps φ of the kernelized (global) part: [B, H, ..., D] -> [B, H, ..., F].
 
 All are modules so that learnable (hedgehog) and random-but-saved (performer) maps sit in the
-checkpoint beside the attention's other parameters.
+checkpoint beside the attention's other parameters. ``FEATURE_MAPS`` is the registry a variant's
+``feature`` names; every map is built from the layer's (heads, head dim, seed).
 """
 
 from __future__ import annotations
@@ -13,37 +14,45 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class ReLU(nn.Module):
+class FeatureMap(nn.Module):
+    """A feature map of one layer; the stateless ones ignore the layer's shape and seed."""
+
+    def __init__(self, num_heads: int, head_dim: int, seed: int):
+        super().__init__()
+
+
+class ReLU(FeatureMap):
     """φ(x) = relu(x)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(x)
 
 
-class ELU(nn.Module):
+class ELU(FeatureMap):
     """φ(x) = elu(x) + 1 (Katharopoulos et al.): positive everywhere."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.elu(x) + 1
 
 
-class Identity(nn.Module):
+class Identity(FeatureMap):
     """φ(x) = x: FLASH's global part, used without a denominator."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x
 
 
-class Performer(nn.Module):
-    """FAVOR+ positive orthogonal random features of the softmax kernel exp(q·k/√D).
+class Performer(FeatureMap):
+    """FAVOR+ positive orthogonal random features of the softmax kernel exp(q·k/√D), F = D of them.
 
     φ(x) = exp(W x' − |x'|²/2) / √F with x' = x / D^¼ and W [F, D] blocks of random orthogonal rows
     scaled to chi-distributed norms, drawn from ``seed`` and saved as a buffer. The exponent is
     clamped per token (never across tokens, so every execution form sees the same kernel).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, num_features: int, seed: int):
-        super().__init__()
+    def __init__(self, num_heads: int, head_dim: int, seed: int):
+        super().__init__(num_heads, head_dim, seed)
+        num_features = head_dim
         g = torch.Generator().manual_seed(seed)
         blocks = []
         for _ in range(num_heads * -(-num_features // head_dim)):
@@ -61,14 +70,14 @@ class Performer(nn.Module):
         return torch.exp(exponent) / math.sqrt(W.shape[-2])
 
 
-class Hedgehog(nn.Module):
+class Hedgehog(FeatureMap):
     """φ(x) = [softmax(x W), softmax(−x W)] per head, W learnable (LoLCATs); F = 2·D.
 
     Initialised to the identity, so training by attention transfer starts from softmax-of-x features.
     """
 
-    def __init__(self, num_heads: int, head_dim: int):
-        super().__init__()
+    def __init__(self, num_heads: int, head_dim: int, seed: int):
+        super().__init__(num_heads, head_dim, seed)
         self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, D, D]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -77,10 +86,10 @@ class Hedgehog(nn.Module):
         return torch.cat([torch.softmax(h, -1), torch.softmax(-h, -1)], -1)
 
 
-def make_feature_map(name: str, num_heads: int, head_dim: int, seed: int) -> nn.Module:
-    """Build the feature map ``name`` for one layer (``seed`` fixes performer's projection)."""
-    if name == "performer":
-        return Performer(num_heads, head_dim, num_features=head_dim, seed=seed)
-    if name == "hedgehog":
-        return Hedgehog(num_heads, head_dim)
-    return {"relu": ReLU, "elu": ELU, "identity": Identity}[name]()
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    "relu": ReLU,
+    "elu": ELU,
+    "identity": Identity,
+    "performer": Performer,
+    "hedgehog": Hedgehog,
+}

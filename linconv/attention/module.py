@@ -3,7 +3,8 @@
 It keeps the original projection modules under their original names (so checkpoints and LoRA
 targets still match) and adds only its own parameters: the DWConv kernel ``conv`` [H, K], the
 global weight ``alpha``, the feature map's parameters and, without a denominator, ``out_norm`` [D].
-The architecture adapter says how to get q, k, v (RoPE applied) and how to project the output.
+The architecture adapter says how to get q, k, v (RoPE applied) and how to project the output;
+the layer's ``AttentionSpec`` (built once by ``LinearizeConfig.specs``) says what to compute.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linconv import ops
-from linconv.attention.features import make_feature_map
+from linconv.attention.features import FEATURE_MAPS
+from linconv.attention.spec import AttentionSpec
 from linconv.attention.state import LayerState, LinconvCache
-from linconv.attention.variants import get_variant
-from linconv.config import LinearizeConfig
 from linconv.errors import LinconvError
 
 SLICE_TOKENS = 512  # tokens per slice of a long segment (rounded to whole groups; see ``attend``)
@@ -29,7 +29,7 @@ def _fp32(*tensors: Tensor) -> list[Tensor]:
 
 
 class LinconvAttention(nn.Module):
-    def __init__(self, original: nn.Module, adapter, layer_idx: int, num_layers: int, cfg: LinearizeConfig, dims: tuple[int, int, int]):
+    def __init__(self, original: nn.Module, adapter, layer_idx: int, spec: AttentionSpec, dims: tuple[int, int, int]):
         super().__init__()
         for name in adapter.projections:
             self.add_module(name, getattr(original, name))
@@ -37,32 +37,35 @@ class LinconvAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = dims
         H, D = self.num_heads, self.head_dim
-        self.variant = get_variant(cfg.attention).for_layer(layer_idx, num_layers)
-        self.group_size, self.chunk_size = cfg.group_size, cfg.chunk_size
-        seed = cfg.seed * 1000 + layer_idx
-        self.feature_map = make_feature_map(self.variant.feature, H, D, seed) if self.variant.feature else None
-        self.alpha = nn.Parameter(torch.ones(())) if self.variant.feature and self.variant.score else None
-        self.out_norm = None if self.variant.normalize else nn.Parameter(torch.ones(D))
-        taps = cfg.kernel if cfg.conv_mask else 2 * cfg.kernel - 1  # unmasked: K−1 future taps too
-        self.conv = nn.Parameter(torch.zeros(H, taps)) if cfg.kernel else None  # zero: starts as no conv
-        self.conv_mask = cfg.conv_mask
-        self.causal = cfg.causal
-        if not self.variant.causal:
-            g = torch.Generator().manual_seed(seed)
-            proj = torch.randn(cfg.linformer_rank, cfg.linformer_max_len, generator=g) / cfg.linformer_rank**0.5
+        self.spec = spec
+        self.group_size, self.chunk_size = spec.group_size, spec.chunk_size
+        self.feature_map = FEATURE_MAPS[spec.feature](H, D, spec.seed) if spec.feature else None
+        self.alpha = nn.Parameter(torch.ones(())) if spec.feature and spec.score else None
+        self.out_norm = None if spec.normalize else nn.Parameter(torch.ones(D))
+        taps = spec.conv_taps if spec.conv_mask else 2 * spec.conv_taps - 1  # unmasked: K−1 future taps too
+        self.conv = nn.Parameter(torch.zeros(H, taps)) if spec.conv_taps else None  # zero: starts as no conv
+        self.conv_mask = spec.conv_mask
+        if spec.linformer:
+            g = torch.Generator().manual_seed(spec.seed)
+            proj = torch.randn(spec.linformer_rank, spec.linformer_max_len, generator=g) / spec.linformer_rank**0.5
             self.register_buffer("linformer_proj", proj)  # [r, max_len]
         self.transfer = False  # attention transfer: also compute the softmax teacher (see forward)
         self.transfer_loss: Tensor | None = None
+        self.teacher = False  # the original model: softmax attention only (``linconv.teacher.teacher_mode``)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant.name}, heads={self.num_heads}, head_dim={self.head_dim}"
+        return f"variant={self.spec.variant}, heads={self.num_heads}, head_dim={self.head_dim}"
 
     def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         q, k, v = self.adapter.qkv(self, hidden_states, position_embeddings)  # [B, H, T, D], [B, Hkv, T, D] x2
+        if self.teacher:  # no linear path, no conv, no α: exactly the attention the layer replaced
+            if isinstance(cache, LinconvCache):
+                raise LinconvError("teacher mode runs whole sequences; it cannot decode from a linconv state")
+            return self.adapter.output(self, self.softmax_attention(q, k, v)), None
         if not isinstance(cache, LinconvCache):
             cache = None  # transformers may hand us its own cache; linconv keeps its state elsewhere
-        elif not self.causal:
-            raise LinconvError(f"this {self.variant.name!r} model is not causal and cannot decode step by step")
+        elif not self.spec.causal:
+            raise LinconvError(f"this {self.spec.variant!r} model is not causal and cannot decode step by step")
         state = LayerState() if cache is None else cache.state(self.layer_idx)
         if cache is not None and state.attn is None:
             state = self._empty_state(q, k, v)
@@ -89,7 +92,7 @@ class LinconvAttention(nn.Module):
         """
         length = q.shape[2]
         size = max(self.group_size, SLICE_TOKENS // self.group_size * self.group_size)
-        if length <= size or not self.causal:
+        if length <= size or not self.spec.causal:
             return self._attend_segment(q, k, v, state)
         out = v.new_empty(*q.shape[:3], v.shape[-1])
         start = 0
@@ -101,11 +104,11 @@ class LinconvAttention(nn.Module):
         return out, state
 
     def _attend_segment(self, q: Tensor, k: Tensor, v: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
-        if not self.variant.causal:
+        if self.spec.linformer:
             return self._linformer(q, *self._repeat(k, v)), state
         dtype = v.dtype
         q, k, v = self._prepare(*_fp32(q, k, v))  # one rounding to the model's dtype, at the end
-        phi, var = self.feature_map, self.variant
+        phi, var = self.feature_map, self.spec
         if var.score:
             out, attn = ops.grouped_attention(q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
         elif q.shape[2] == 1 and state.attn is not None:
@@ -131,7 +134,7 @@ class LinconvAttention(nn.Module):
         """
         dtype = v.dtype
         q, k, v = self._prepare(*_fp32(q, k, v))
-        phi, var = self.feature_map, self.variant
+        phi, var = self.feature_map, self.spec
         if var.score:
             out = ops.grouped_tree(q, k, v, parents, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
         else:
@@ -145,7 +148,7 @@ class LinconvAttention(nn.Module):
     def advance(self, state: LayerState, k: Tensor, v: Tensor) -> LayerState:
         """The state after also seeing prepared keys/values [B, Hkv, T, D] (from ``attend_tree``)."""
         phi = self.feature_map
-        if self.variant.score:
+        if self.spec.score:
             attn = ops.advance_group(state.attn, k, v, self.group_size, phi)
         else:
             kr, vr = self._repeat(k, v)
@@ -155,10 +158,10 @@ class LinconvAttention(nn.Module):
 
     def _empty_state(self, q: Tensor, k: Tensor, v: Tensor) -> LayerState:
         """The decoding state before any token, for q [B, H, *, D] and k, v [B, Hkv, *, D]."""
-        if self.variant.score:
+        if self.spec.score:
             attn = ops.empty_group_state(q, k, v, self.feature_map, self.group_size)
         else:
-            attn = ops.empty_linear_state(self.feature_map(q[:, :, :0].float()), v, self.variant.normalize)
+            attn = ops.empty_linear_state(self.feature_map(q[:, :, :0].float()), v, self.spec.normalize)
         conv = None if self.conv is None else ops.empty_conv_tail(v, self.conv.shape[-1])
         return LayerState(attn, conv)
 
@@ -177,11 +180,11 @@ class LinconvAttention(nn.Module):
         return k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
 
     def _prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalise (unit q, k) or scale (softmax score) as the variant asks; kv heads stay as they are."""
-        if self.variant.unit_qk:
-            return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
-        if self.variant.score == "softmax":
-            return q * self.head_dim**-0.5, k, v
+        """L2-normalise q, k and/or scale q by 1/√D as the spec asks; kv heads stay as they are."""
+        if self.spec.unit_qk:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.spec.scale_q:
+            q = q * self.head_dim**-0.5
         return q, k, v
 
     def _norm(self, out: Tensor) -> Tensor:

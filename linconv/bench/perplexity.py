@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from linconv.bench.base import BenchInputs, per_role, ratio
 from linconv.data import windows
 from linconv.errors import LinconvError
 from linconv.generate import sync_device
 from linconv.loss import chunked_nll, model_parts
+from linconv.progress import SILENT, Progress
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 
 @dataclass
@@ -60,12 +65,13 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 1,
     chunk: int = 256,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = SILENT,
+    task: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the 1-D ``tokens``, in non-overlapping windows of ``window`` tokens.
 
-    At most ``max_tokens`` tokens are used, from the start. ``progress(done, total)`` is called after
-    every batch of windows. Raises LinconvError when the text is shorter than one window.
+    At most ``max_tokens`` tokens are used, from the start. ``progress`` hears of every batch of
+    windows under the name ``task``. Raises LinconvError when the text is shorter than one window.
     """
     if window < 2:
         raise LinconvError(f"the perplexity window must be at least 2 tokens, got {window}")
@@ -74,14 +80,36 @@ def perplexity(
     rows = windows(tokens, window, max_tokens)  # [N, window]
     device = next(model.parameters()).device
     total, scored = 0.0, 0
+    progress.start(task, rows.shape[0])
     sync_device(device)
     t0 = time.perf_counter()
     for s in range(0, rows.shape[0], batch_size):
         nll, n = window_nll(model, rows[s : s + batch_size].to(device), chunk)
         total, scored = total + nll, scored + n
-        if progress is not None:
-            progress(min(s + batch_size, rows.shape[0]), rows.shape[0])
+        progress.update(task, min(s + batch_size, rows.shape[0]), rows.shape[0], detail="windows")
     sync_device(device)
     seconds = time.perf_counter() - t0
     mean = total / scored
+    progress.end(task)
     return PerplexityResult(math.exp(mean), mean, window, rows.shape[0], rows.numel(), scored, seconds)
+
+
+# --- the ``ppl`` bench task -----------------------------------------------------------------------
+
+
+def run_perplexity(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> dict[str, PerplexityResult]:
+    """Every model on the same tokens of the text: role -> result."""
+    window, max_tokens = s.ppl_window, s.ppl_tokens or None
+    return {
+        role: perplexity(model, inputs.tokens, window=window, max_tokens=max_tokens, progress=progress, task=f"perplexity · {role}")
+        for role, model in inputs.models.items()
+    }
+
+
+def perplexity_json(results: dict[str, PerplexityResult], s: BenchSettings) -> dict:
+    """The windows once, then each role's figures and the ratio linearized ÷ original."""
+    any_ = next(iter(results.values()))
+    figures = lambda r: {"perplexity": r.perplexity, "nll": r.nll, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s}
+    out = {"window": any_.window, "windows": any_.windows, "tokens": any_.tokens, "scored": any_.scored, **per_role(results, figures)}
+    out["ratio"] = ratio(*(out[r] and out[r]["perplexity"] for r in ("linearized", "original")))
+    return out

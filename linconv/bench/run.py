@@ -1,13 +1,17 @@
 """``linconv bench`` as a library call: load the linearized model and its baseline, run the chosen
 tasks for both, and return every figure in one :class:`BenchResult`.
 
-Tasks run in a fixed order, cheapest first: leakage, perplexity (``ppl``), speed, max length
-(``maxlen``). ``on_update(result)`` is called after every task, so a caller that saves the result
-there keeps everything measured so far when a later task fails or the run is interrupted. A task
-that fails stops the run: its error is recorded in ``result.errors`` and the function returns
-(a :class:`LinconvError`) or re-raises (any other exception, after ``on_update``). Problems that can
-be seen before measuring anything (bad options, a text shorter than one window, a memory budget
-below the weights, different tokenizers) raise :class:`LinconvError` before the first task.
+The tasks are registered in :mod:`linconv.bench.tasks` and run in its order, cheapest first: leakage,
+perplexity (``ppl``), speed, speculative decoding (``spec``), the evaluations of the field
+(``downstream``, ``longppl``, ``passkey``), max length (``maxlen``); what they do
+is reported to a :class:`linconv.progress.Progress`, and what each returns is kept in
+``result.results[name]``. ``on_update(result)`` is called after every task, so a caller that saves
+the result there keeps everything measured so far when a later task fails or the run is
+interrupted. A task that fails stops the run and leaves no result: its error is recorded in
+``result.errors`` and the function returns (a :class:`LinconvError`) or re-raises (any other
+exception, after ``on_update``). Problems that can be seen before measuring anything (bad options,
+a text shorter than one window, a memory budget below the weights, different tokenizers) raise
+:class:`LinconvError` before the first task.
 
 The baseline defaults to the model the checkpoint was converted from (``config.linconv["source"]``);
 without a checkpoint the default model is loaded once, converted in memory, and is its own baseline.
@@ -15,35 +19,34 @@ without a checkpoint the default model is loaded once, converted in memory, and 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
-import shutil
-import tempfile
 from collections.abc import Callable
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
-from linconv.bench.leakage import LeakageResult, leakage_check
-from linconv.bench.maxlen import GIB, MODES, CudaTrial, MaxLenResult, ProcessTrial, cuda_budget, max_length
-from linconv.bench.perplexity import PerplexityResult, perplexity
-from linconv.bench.speculative import SpecPoint, spec_decode_point, spec_prompts
-from linconv.bench.speed import SpeedResult, parse_contexts, speed
+from linconv.bench.base import ROLES, BenchInputs, position_limit_of, weights_bytes
+from linconv.bench.downstream import DEFAULT_EVAL_TASKS, parse_eval_tasks
+from linconv.bench.passkey import parse_depths, parse_lengths
+from linconv.bench.speed import parse_contexts
+from linconv.bench.tasks import DEFAULT_TASKS, TASKS, check_names, run_order
 from linconv.config import parse_dtype
-from linconv.data import same_tokenizer
-from linconv.errors import LinconvError
-from linconv.speculative.drafts import PromptLookup
+from linconv.convert import load_or_convert
+from linconv.data import SPLITS, load_text, same_tokenizer, tokenize, windows
+from linconv.errors import LinconvError, first_line
+from linconv.models import ADAPTERS
+from linconv.progress import SILENT, Progress
+from linconv.sources import DEFAULT_SOURCE, load_source
+from linconv.version import __version__
 
 SCHEMA_VERSION = 1
-TASKS = ("ppl", "maxlen", "speed", "leakage", "spec")
-DEFAULT_TASKS = ("ppl", "maxlen", "speed", "leakage")  # spec: `linconv bench --spec-decode`
-ORDER = ("leakage", "ppl", "speed", "spec", "maxlen")  # run order: cheapest first, the long search last
-DEFAULT_SOURCE = "default:SmolLM2-135M-Instruct"
-ROLES = ("original", "linearized")
 
 # CPU defaults: `linconv bench` of the default model (135M, fp32) in about 12 minutes on 2 quiet cores.
 # A max-length trial process holds ~1.0 GB with the model loaded; prefill in chunks of 512 keeps the
@@ -62,6 +65,8 @@ CPU_DEFAULTS = dict(
     decode_tokens=16,
     prefill_chunk=512,
     ppl_tokens=16384,
+    passkey_lengths=(1024, 2048, 4096),  # the original's 4K prefill takes ~10 s; 5 depths x 2 trials
+    passkey_trials=2,
 )
 # CUDA: the whole device unless --memory-budget; a CUDA trial cannot be interrupted, so the time limit
 # is checked when it ends and the cap bounds the longest trial.
@@ -76,9 +81,9 @@ CUDA_DEFAULTS = dict(
     decode_tokens=64,
     prefill_chunk=2048,
     ppl_tokens=131072,
+    passkey_lengths=(1024, 2048, 4096, 8192, 16384),
+    passkey_trials=5,
 )
-
-Progress = Callable[[str, float, float | None, str], None]  # (label, completed, total or None, detail)
 
 
 @dataclass
@@ -103,9 +108,17 @@ class BenchSettings:
     prefill_chunk: int | None = None  # prompt tokens per forward in speed and max-length prefill
     ppl_window: int = 1024
     spec_tokens: int = 64  # tokens generated per speculative-decoding measurement
+    spec_drafts: tuple[str, ...] = ("auto",)  # drafts compared (auto: lookup + the checkpoint's Medusa/EAGLE heads)
     ppl_tokens: int | None = None  # 0: the whole text
     threads: int | None = None
     compile: bool = False  # speed: decode steps through torch.compile (linconv.compiled), both models alike
+    eval_tasks: tuple[str, ...] = DEFAULT_EVAL_TASKS  # downstream: lm-evaluation-harness tasks and next_line
+    eval_limit: int | None = None  # downstream: items per task
+    eval_include: str | None = None  # downstream: a folder of the user's own lm-evaluation-harness tasks
+    long_tokens: int = 32768  # longppl: tokens of the text read
+    passkey_lengths: tuple[int, ...] | None = None
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_trials: int | None = None
 
     def resolve(self) -> BenchSettings:
         """Fill device defaults and check every option (LinconvError on the first bad one)."""
@@ -119,12 +132,15 @@ class BenchSettings:
         if values["memory_budget_gib"] is None:
             values["memory_budget_gib"] = defaults["memory_budget_gib"]
         values["contexts"] = tuple(parse_contexts(values["contexts"]))
+        values["eval_tasks"] = parse_eval_tasks(values["eval_tasks"])
+        values["passkey_lengths"] = parse_lengths(values["passkey_lengths"])
+        values["passkey_depths"] = parse_depths(values["passkey_depths"])
         parse_dtype(values["dtype"])
+        if values["threads"] is not None and values["threads"] <= 0:
+            raise LinconvError(f"--threads must be > 0, got {values['threads']}")
         values["threads"] = values["threads"] or torch.get_num_threads()
         out = BenchSettings(**values)
-        unknown = [t for t in out.tasks if t not in TASKS]
-        if unknown or not out.tasks:
-            raise LinconvError(f"unknown task {', '.join(unknown) or '(none)'}; choose from: {', '.join(TASKS)}")
+        check_names(out.tasks)
         positive = {
             "--max-len-cap": out.max_len_cap,
             "--trial-timeout": out.trial_timeout_s,
@@ -135,10 +151,10 @@ class BenchSettings:
             "max-length start": out.max_len_start,
         }
         for name, value in positive.items():
-            if value is None or value <= 0:
-                raise LinconvError(f"{name} must be > 0, got {value}")
-        if out.memory_budget_gib is not None and out.memory_budget_gib <= 0:
-            raise LinconvError(f"--memory-budget must be > 0 GiB, got {out.memory_budget_gib}")
+            if value is None or not 0 < value < math.inf:  # also refuses nan
+                raise LinconvError(f"{name} must be > 0 and finite, got {value}")
+        if out.memory_budget_gib is not None and not 0 < out.memory_budget_gib < math.inf:
+            raise LinconvError(f"--memory-budget must be > 0 GiB and finite, got {out.memory_budget_gib}")
         if out.ppl_window < 2:
             raise LinconvError(f"--ppl-window must be at least 2 tokens, got {out.ppl_window}")
         if out.ppl_tokens is not None and out.ppl_tokens < 0:
@@ -147,6 +163,14 @@ class BenchSettings:
             raise LinconvError(f"--spec-tokens must be > 0, got {out.spec_tokens}")
         if out.decode_tokens < 2:
             raise LinconvError(f"--decode-tokens must be at least 2, got {out.decode_tokens}")
+        if out.eval_limit is not None and out.eval_limit <= 0:
+            raise LinconvError(f"--eval-limit must be > 0, got {out.eval_limit}")
+        if out.eval_include is not None and not Path(out.eval_include).is_dir():
+            raise LinconvError(f"--eval-include {out.eval_include} is not a folder")
+        if out.long_tokens < 2:
+            raise LinconvError(f"--long-tokens must be at least 2, got {out.long_tokens}")
+        if out.passkey_trials <= 0:
+            raise LinconvError(f"--passkey-trials must be > 0, got {out.passkey_trials}")
         return out
 
 
@@ -156,13 +180,10 @@ class BenchResult:
     environment: dict
     models: dict[str, dict] = field(default_factory=dict)  # role -> name, class, parameters, weights_bytes, dtype
     text: dict | None = None  # source, characters, tokens
-    perplexity: dict[str, PerplexityResult] = field(default_factory=dict)  # role -> result
-    max_length: dict[str, dict[str, MaxLenResult]] = field(default_factory=dict)  # mode -> role -> result
-    speed: dict[str, SpeedResult] = field(default_factory=dict)  # role -> result
-    leakage: LeakageResult | None = None  # the linearized model only
-    spec: list[SpecPoint] = field(default_factory=list)  # model x prompt kind
+    results: dict[str, Any] = field(default_factory=dict)  # task name -> what its run returned (see linconv.bench.tasks)
     completed: list[str] = field(default_factory=list)  # tasks finished
     errors: list[dict] = field(default_factory=list)  # {"task", "message"}
+    notes: list[str] = field(default_factory=list)  # settings changed to fit the models (position limits)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -171,13 +192,9 @@ class BenchResult:
 
 
 def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
-    import transformers
-
-    import linconv
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
-        "linconv": linconv.__version__,
+        "linconv": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -188,10 +205,6 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
         "threads": threads,
         "cpu_count": os.cpu_count(),
     }
-
-
-def weights_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def model_info(model: nn.Module, name: str) -> dict:
@@ -207,21 +220,13 @@ def model_info(model: nn.Module, name: str) -> dict:
 
 def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | None):
     """(linearized, its tokenizer, its name, original or None, its tokenizer, its name)."""
-    import linconv
-    from linconv.models import ADAPTERS
-    from linconv.sources import load_source
-
+    model, tok, base = load_or_convert(s.checkpoint, dtype=dtype, device=device)
+    name = s.checkpoint
     if s.checkpoint is None:
-        base, tok = load_source(None, ADAPTERS, dtype=dtype or torch.float32, device=device)
-        config = linconv.LinearizeConfig(source=DEFAULT_SOURCE)
-        model = linconv.convert(base, config)
-        name = f"fresh conversion of {DEFAULT_SOURCE} ({config.attention})"
+        name = f"fresh conversion of {DEFAULT_SOURCE} ({model.config.linconv['attention']})"
         if s.baseline in ("auto", None):
             return model, tok, name, base, tok, DEFAULT_SOURCE
         del base
-    else:
-        model, tok = linconv.load(s.checkpoint, dtype=dtype, device=device)
-        name = s.checkpoint
     if s.baseline == "none":
         return model, tok, name, None, None, None
     source = s.baseline
@@ -230,202 +235,103 @@ def _load_models(s: BenchSettings, device: torch.device, dtype: torch.dtype | No
         if not source:
             raise LinconvError(f"{name} does not record the model it was converted from; pass --baseline PATH or --baseline none")
     dtype = dtype or next(model.parameters()).dtype
-    where = None if source == DEFAULT_SOURCE or source.startswith("default:") else source
     try:
-        base, base_tok = load_source(where, ADAPTERS, dtype=dtype, device=device)
+        base, base_tok = load_source(source, ADAPTERS, dtype=dtype, device=device)
     except LinconvError as e:
         raise LinconvError(f"baseline {source}: {e} (pass --baseline PATH, or --baseline none to skip it)") from None
     return model, tok, name, base, base_tok, source
 
 
-def _model_folder(model: nn.Module, given: str | None, stack: ExitStack) -> str:
-    """A folder a trial child can load ``model`` from: ``given`` when it is one, else a temporary save."""
-    if given is not None and Path(given).is_dir() and (Path(given) / "config.json").is_file():
-        return given
-    tmp = tempfile.mkdtemp(prefix="linconv-bench-")
-    stack.callback(shutil.rmtree, tmp, True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    return tmp
+def fit_positions(s: BenchSettings, limit: int | None) -> tuple[BenchSettings, str | None]:
+    """``s`` cut to models that take at most ``limit`` tokens (learned position embeddings, GPT-2):
+    lengths past it cannot be run at all. Returns the settings and a note saying what changed."""
+    if limit is None:
+        return s, None
+    fits = tuple(c for c in s.contexts if c + s.decode_tokens <= limit) or (max(1, limit - s.decode_tokens),)
+    changes = {
+        "contexts": fits,
+        "ppl_window": min(s.ppl_window, limit),
+        "max_len_cap": min(s.max_len_cap, limit - s.maxlen_new_tokens),
+        "spec_tokens": min(s.spec_tokens, limit // 4),
+    }
+    changed = {k: v for k, v in changes.items() if v != getattr(s, k)}
+    if not changed:
+        return s, None
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    listed = "; ".join(f"{k.replace('_', ' ')} {show(getattr(s, k))} -> {show(v)}" for k, v in changed.items())
+    return replace(s, **changed), f"the models take at most {limit} tokens (learned positions): {listed}"
 
 
 def run_bench(
-    settings: BenchSettings,
-    *,
-    on_update: Callable[[BenchResult], None] | None = None,
-    progress: Progress | None = None,
-    status: Callable[[str], None] | None = None,
+    settings: BenchSettings, *, on_update: Callable[[BenchResult], None] | None = None, progress: Progress = SILENT
 ) -> BenchResult:
-    """Run the benchmark (see the module docstring). ``status(text)`` reports setup steps."""
+    """Run the benchmark (see the module docstring); setup steps are reported as the task ``setup``."""
     s = settings.resolve()
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
     try:
-        return _run(s, on_update, progress or (lambda *a: None), status or (lambda text: None))
+        result, inputs = _prepare(s, progress)
+        _run_tasks(result, inputs, result.settings, progress, on_update)
+        return result
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(s: BenchSettings, on_update, progress: Progress, say: Callable[[str], None]) -> BenchResult:
-    from linconv.data import SPLITS, load_text, tokenize, windows
-
+def _prepare(s: BenchSettings, progress: Progress) -> tuple[BenchResult, BenchInputs]:
+    """Load the models and read the text; every check that needs them and no measuring, so a run that
+    cannot work fails here, before the first task."""
     device, dtype = torch.device(s.device), parse_dtype(s.dtype)
-    say("loading the models…")
+    progress.start("setup")
+    progress.update("setup", 0, detail="loading the models…")
     model, tok, name, base, base_tok, base_name = _load_models(s, device, dtype)
-    models = {"linearized": model, **({"original": base} if base is not None else {})}
-    result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads))
-    result.models = {"linearized": model_info(model, name), **({"original": model_info(base, base_name)} if base is not None else {})}
+    models, names = {"original": base, "linearized": model}, {"original": base_name, "linearized": name}
+    s, note = fit_positions(s, position_limit_of(m for m in models.values() if m is not None))
+    inputs = BenchInputs(
+        {role: models[role] for role in ROLES if models[role] is not None}, {"original": base_name, "linearized": s.checkpoint}, device
+    )
+    result = BenchResult(s, environment(device, next(model.parameters()).dtype, s.threads), notes=[note] if note else [])
+    result.models = {role: model_info(m, names[role]) for role, m in inputs.models.items()}
     if base is not None and not same_tokenizer(tok, base_tok):
         raise LinconvError(
             f"the checkpoint and the baseline {base_name} use different tokenizers; their perplexities "
             "are not comparable (pass --baseline with the original model, or --baseline none)"
         )
-
-    tokens = None
-    if "ppl" in s.tasks or "spec" in s.tasks:
-        if tok is None:
-            raise LinconvError(
-                f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop ppl/spec from --tasks"
-            )
-        say("reading the text…")
+    if tok is None and any(TASKS[task].needs_text or TASKS[task].needs_tokenizer for task in s.tasks):
+        textual = "/".join(task for task in s.tasks if TASKS[task].needs_text or TASKS[task].needs_tokenizer)
+        raise LinconvError(
+            f"{name} has no tokenizer files, needed for perplexity and prompts; save them into the folder or drop {textual} from --tasks"
+        )
+    inputs.tokenizer = tok
+    if any(TASKS[task].needs_text for task in s.tasks):
+        progress.update("setup", 0, detail="reading the text…")
         spec, split = (None, s.text) if s.text in SPLITS else (s.text, "heldout")
         text = load_text(spec, split)
-        tokens = tokenize(tok, text)
-        usable = windows(tokens, s.ppl_window, s.ppl_tokens or None)  # raises when shorter than one window
-        result.text = {"source": s.text or "heldout", "characters": len(text), "tokens": tokens.numel(), "tokens_used": usable.numel()}
-    if "maxlen" in s.tasks and s.memory_budget_gib is not None:
-        budget = int(s.memory_budget_gib * GIB)
-        for role, m in models.items():
-            if weights_bytes(m) >= budget:
-                raise LinconvError(
-                    f"--memory-budget {s.memory_budget_gib:g} GiB is smaller than the "
-                    f"{role} model: its weights alone are {weights_bytes(m) / GIB:.2f} GiB"
-                )
-        if device.type == "cuda" and budget > torch.cuda.get_device_properties(device).total_memory:
-            raise LinconvError(f"--memory-budget {s.memory_budget_gib:g} GiB is more than the device's memory")
+        inputs.tokens = tokenize(tok, text)
+        usable = windows(inputs.tokens, s.ppl_window, s.ppl_tokens or None)  # raises when shorter than one window
+        result.text = {"source": s.text or "heldout", "characters": len(text), "tokens": len(inputs.tokens), "tokens_used": usable.numel()}
+    for task in run_order(s.tasks):
+        if TASKS[task].check is not None:
+            TASKS[task].check(inputs, s)
+    progress.update("setup", 1, 1, detail="done")
+    progress.end("setup")
+    return result, inputs
 
-    def both():
-        return [(role, models[role]) for role in ROLES if role in models]
 
-    tasks = {
-        "leakage": lambda: _leakage(result, model, progress),
-        "ppl": lambda: _perplexity(result, both(), tokens, s, progress),
-        "speed": lambda: _speed(result, both(), s, progress),
-        "spec": lambda: _spec(result, both(), tokens, s, progress),
-        "maxlen": lambda: _maxlen(result, both(), s, device, progress, say, {"linearized": s.checkpoint, "original": base_name}),
-    }
-    for task in ORDER:
-        if task not in s.tasks:
-            continue
+def _run_tasks(result: BenchResult, inputs: BenchInputs, s: BenchSettings, progress: Progress, on_update) -> None:
+    """Run the chosen tasks in order into ``result``; the first failure stops the run (see the module docstring)."""
+    for name in run_order(s.tasks):
         try:
-            tasks[task]()
+            result.results[name] = TASKS[name].run(inputs, s, progress)
         except LinconvError as e:
-            result.errors.append({"task": task, "message": str(e)})
+            result.errors.append({"task": name, "message": str(e)})
             break
         except Exception as e:
-            result.errors.append({"task": task, "message": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            result.errors.append({"task": name, "message": first_line(e, with_type=True)})
             if on_update is not None:
                 on_update(result)
             raise
-        result.completed.append(task)
+        result.completed.append(name)
         if on_update is not None:
             on_update(result)
     if result.errors and on_update is not None:
         on_update(result)
-    return result
-
-
-def _leakage(result: BenchResult, model: nn.Module, progress: Progress) -> None:
-    progress("leakage · linearized", 0, 1, "")
-    result.leakage = leakage_check(model)
-    progress("leakage · linearized", 1, 1, "leaks!" if result.leakage.leaks else "causal")
-
-
-def _perplexity(result: BenchResult, models, tokens, s: BenchSettings, progress: Progress) -> None:
-    for role, m in models:
-        label = f"perplexity · {role}"
-        result.perplexity[role] = perplexity(
-            m,
-            tokens,
-            window=s.ppl_window,
-            max_tokens=s.ppl_tokens or None,
-            progress=lambda done, total, label=label: progress(label, done, total, f"{done}/{total} windows"),
-        )
-
-
-def _speed(result: BenchResult, models, s: BenchSettings, progress: Progress) -> None:
-    for role, m in models:
-        label = f"speed · {role}"
-        result.speed[role] = speed(
-            m,
-            s.contexts,
-            decode_tokens=s.decode_tokens,
-            repeats=s.repeats,
-            prefill_chunk=s.prefill_chunk,
-            compile=s.compile,
-            progress=lambda done, total, label=label: progress(label, done, total, ""),
-        )
-
-
-def _spec(result: BenchResult, models, tokens, s: BenchSettings, progress: Progress) -> None:
-    prompts = spec_prompts(tokens.tolist())
-    for role, m in models:
-        label = f"speculative · {role}"
-        for i, (kind, prompt) in enumerate(prompts.items()):
-            progress(label, i, len(prompts), kind)
-            result.spec.append(spec_decode_point(m, role, kind, prompt, PromptLookup(num_tokens=8, max_candidates=4), s.spec_tokens))
-        progress(label, len(prompts), len(prompts), "done")
-
-
-def _maxlen(result: BenchResult, models, s: BenchSettings, device, progress: Progress, say, given: dict) -> None:
-    budget = None if s.memory_budget_gib is None else int(s.memory_budget_gib * GIB)
-    with ExitStack() as stack:
-        if device.type == "cuda":
-            cuda_budget(device, budget)
-            stack.callback(cuda_budget, device, None)
-        else:
-            say("saving the models for the max-length trial processes…")
-            folders = {role: _model_folder(m, given.get(role), stack) for role, m in models}
-        for role, m in models:
-            with ExitStack() as alone:
-                if device.type == "cuda":  # the budget is this model's alone: park the others in CPU memory
-                    for other_role, other in models:
-                        if other_role != role:
-                            other.to("cpu")
-                            alone.callback(other.to, device)
-                    torch.cuda.empty_cache()
-                for mode in MODES:
-                    result.max_length.setdefault(mode, {})[role] = _search(
-                        role, m, mode, s, device, budget, progress, folders if device.type != "cuda" else None
-                    )
-
-
-def _search(role: str, m: nn.Module, mode: str, s: BenchSettings, device, budget, progress: Progress, folders) -> MaxLenResult:
-    label = f"max length ({mode}) · {role}"
-    kwargs = dict(timeout_s=s.trial_timeout_s, new_tokens=s.maxlen_new_tokens, prefill_chunk=s.prefill_chunk)
-    if device.type == "cuda":
-        runner = CudaTrial(m, mode, **kwargs)
-    else:
-        dtype = str(next(m.parameters()).dtype).removeprefix("torch.")
-        runner = ProcessTrial(folders[role], mode, budget_bytes=budget, dtype=dtype, threads=s.threads, **kwargs)
-    count = [0]
-
-    def trial(n: int):
-        progress(label, count[0], None, f"trying {n:,} tokens")
-        r = runner(n)
-        count[0] += 1
-        progress(label, count[0], None, f"{n:,} tokens: {r.outcome}")
-        return r
-
-    found = max_length(
-        trial,
-        mode,
-        start=min(s.max_len_start, s.max_len_cap),
-        cap=s.max_len_cap,
-        granularity=s.granularity,
-        timeout_s=s.trial_timeout_s,
-        budget_bytes=budget,
-        new_tokens=s.maxlen_new_tokens,
-    )
-    found.loaded_bytes = runner.loaded_bytes
-    progress(label, count[0], count[0], f"{found.max_length:,} tokens ({found.bound})")  # a total ends the bar's clock
-    return found

@@ -18,13 +18,20 @@ on the content.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from linconv.bench.base import BenchInputs, per_role, ratio
 from linconv.errors import LinconvError
+from linconv.generate import generate
+from linconv.progress import SILENT, Progress
+
+if TYPE_CHECKING:  # run.py imports this module through the task registry
+    from linconv.bench.run import BenchSettings
 
 
 @dataclass
@@ -68,11 +75,11 @@ def speed(
     prefill_chunk: int = 2048,
     seed: int = 0,
     compile: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = SILENT,
+    task: str = "speed",
 ) -> SpeedResult:
-    """Prefill and decode tokens/s of ``model`` at each context length (see the module docstring)."""
-    from linconv.generate import generate
-
+    """Prefill and decode tokens/s of ``model`` at each context length (see the module docstring);
+    ``progress`` hears of every repeat under the name ``task``."""
     if decode_tokens < 2:
         raise LinconvError(f"decode tokens must be at least 2 (the first comes from prefill), got {decode_tokens}")
     if repeats <= 0:
@@ -96,6 +103,7 @@ def speed(
         run(min(min(contexts), 128), 4)
     result = SpeedResult(decode_tokens, prefill_chunk, warmup)
     total, done = len(contexts) * repeats, 0
+    progress.start(task, total)
     for n in contexts:
         prefill_s, steps, state = [], [], 0
         for _ in range(repeats):
@@ -104,8 +112,50 @@ def speed(
             steps += out.token_seconds
             state = out.state_bytes_end
             done += 1
-            if progress is not None:
-                progress(done, total)
+            progress.update(task, done, total)
         step = statistics.median(steps)
         result.points.append(SpeedPoint(n, n / statistics.median(prefill_s), 1.0 / step, 1000.0 * step, state, prefill_s, repeats))
+    progress.end(task)
     return result
+
+
+# --- the ``speed`` bench task ---------------------------------------------------------------------
+
+
+def run_speed(inputs: BenchInputs, s: BenchSettings, progress: Progress) -> dict[str, SpeedResult]:
+    """Every model at the same context lengths: role -> result."""
+    return {
+        role: speed(
+            model,
+            s.contexts,
+            decode_tokens=s.decode_tokens,
+            repeats=s.repeats,
+            prefill_chunk=s.prefill_chunk,
+            compile=s.compile,
+            progress=progress,
+            task=f"speed · {role}",
+        )
+        for role, model in inputs.models.items()
+    }
+
+
+def speed_json(results: dict[str, SpeedResult], s: BenchSettings) -> dict:
+    """The settings once, each role's points, and the ratios linearized ÷ original per context."""
+    any_ = next(iter(results.values()))
+    out = {
+        "contexts": list(s.contexts),
+        "decode_tokens": any_.decode_tokens,
+        "repeats": s.repeats,
+        "prefill_chunk": any_.prefill_chunk,
+        "warmup": any_.warmup,
+        **per_role(results, lambda r: [asdict(p) for p in r.points]),
+    }
+    out["ratio"] = [
+        {
+            "context": a["context"],
+            "prefill": ratio(b["prefill_tokens_per_s"], a["prefill_tokens_per_s"]),
+            "decode": ratio(b["decode_tokens_per_s"], a["decode_tokens_per_s"]),
+        }
+        for a, b in zip(out["original"] or [], out["linearized"] or [])
+    ]
+    return out

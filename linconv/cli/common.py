@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -11,7 +13,7 @@ import typer
 from rich.console import Console
 from transformers.utils import logging as transformers_logging
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
 
 console = Console(stderr=True)
 transformers_logging.disable_progress_bar()  # linconv shows its own progress
@@ -22,8 +24,26 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def debugging() -> bool:
+    """``LINCONV_DEBUG=1``: let tracebacks through, for bug reports."""
+    return os.environ.get("LINCONV_DEBUG", "") not in ("", "0")
+
+
+def explain(exc: BaseException) -> str:
+    """One line for an exception that is not a LinconvError: what to do where we know, else its type
+    and first line (with LINCONV_DEBUG=1 the traceback is shown instead)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of device memory; try a smaller --prefill-chunk, --batch-size or --seq-len, or --dtype bf16"
+    if isinstance(exc, MemoryError):
+        return "out of memory; try a smaller --prefill-chunk, --batch-size or --seq-len"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device ({exc.filename or 'while writing'}); free some and run again"
+    return f"{first_line(exc, with_type=True)} (set LINCONV_DEBUG=1 for the traceback)"
+
+
 def friendly(fn: Callable) -> Callable:
-    """Turn user errors into one red line and a non-zero exit; Ctrl-C exits 130 without a traceback."""
+    """The error boundary of every command: a LinconvError (a user error) or any other exception
+    becomes one red line and exit 1; Ctrl-C exits 130 without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,6 +54,12 @@ def friendly(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             sys.exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:
+            if debugging():
+                raise
+            fail(explain(e))
 
     return wrapper
 

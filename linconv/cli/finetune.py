@@ -1,70 +1,25 @@
-"""``linconv finetune``: attention transfer, then LoRA, then optional Medusa heads; resumable."""
+"""``linconv finetune``: attention transfer, then LoRA, then optional draft heads (Medusa, EAGLE); resumable."""
 
 from __future__ import annotations
 
-import time
+from typing import Annotated
 
+import torch.distributed as dist
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from linconv.cli.common import console, friendly
-from linconv.finetune import FinetuneConfig, Reporter
+from linconv import report
+from linconv.cli.common import friendly
+from linconv.cli.progress import RichProgress
+from linconv.finetune import FinetuneConfig, finetune
 from linconv.recipes import DEFAULT_RECIPE, get_recipe, recipe_help
 
 _D = FinetuneConfig()
 
 
-class RichReporter(Reporter):
-    """A progress bar per stage with loss, tokens/s and ETA; evaluations printed above it."""
-
-    def __init__(self):
-        self.progress = self._new_progress()
-        self.tasks: dict[str, int] = {}
-
-    @staticmethod
-    def _new_progress() -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description:<8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-
-    def _stop(self):
-        if self.progress.live.is_started:  # stopping a bar that never started prints a blank line
-            self.progress.stop()
-
-    def stage_start(self, stage, total, done):
-        self._stop()
-        self.progress = self._new_progress()  # one bar per stage; finished stages stay printed above
-        self.progress.start()
-        self.tasks[stage] = self.progress.add_task(stage, total=total, completed=done, loss="-", speed="-")
-        self.started = (time.monotonic(), done, total)
-
-    def step(self, stage, step, loss, lr, tokens_per_s):
-        self.progress.update(self.tasks[stage], completed=step, loss=f"{loss:.4f}", speed=f"{tokens_per_s:,.0f}")
-        t0, done, total = self.started
-        if not self.progress.console.is_terminal and (step % max(1, total // 20) == 0 or step == total):
-            left = (time.monotonic() - t0) / (step - done) * (total - step)  # a log file gets a line instead of a bar
-            self.message(f"{stage} {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  ETA {left:.0f}s")
-
-    def evaluated(self, stage, step, perplexity):
-        self.message(f"held-out perplexity {'before training' if stage == 'start' else f'after {stage} step {step}'}: {perplexity:.3f}")
-
-    def stage_end(self, stage):
-        self._stop()
-
-    def message(self, text):
-        self.progress.console.print(text, highlight=False, soft_wrap=True)
-
-    def close(self):
-        self._stop()
+def _by_recipe(value) -> str:
+    """How an option that a recipe may set names its default."""
+    return f"default: the recipe's; {value} in {DEFAULT_RECIPE}"
 
 
 def _table(result) -> Table:
@@ -82,69 +37,98 @@ def _table(result) -> Table:
         table.caption = f"LoRA adapter (not merged): {result.adapter}"
     if result.medusa is not None:
         table.caption = (table.caption + "; " if table.caption else "") + f"Medusa heads: {result.medusa}"
+    if result.eagle is not None:
+        table.caption = (table.caption + "; " if table.caption else "") + f"EAGLE head: {result.eagle}"
     return table
 
 
 @friendly
 def finetune_command(
-    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="A linconv checkpoint (made by `linconv convert`)."),
-    output: str = typer.Argument(..., metavar="OUTPUT", help="New folder for the fine-tuned checkpoint (outside CHECKPOINT)."),
-    recipe: str = typer.Option(DEFAULT_RECIPE, help=recipe_help()),
-    text: str | None = typer.Option(
-        None, help="Training text: a file, a folder of .txt files or a datasets name (default: the built-in training split)."
-    ),
-    transfer_steps: int | None = typer.Option(
-        None, help=f"Attention-transfer steps (stage 1; 0 skips it; default: the recipe's; {_D.transfer_steps} in {DEFAULT_RECIPE})."
-    ),
-    lora_steps: int | None = typer.Option(
-        None, help=f"LoRA fine-tuning steps (stage 2; 0 skips it; default: the recipe's; {_D.lora_steps} in {DEFAULT_RECIPE})."
-    ),
-    seq_len: int | None = typer.Option(None, help=f"Tokens per training window (default: the recipe's; {_D.seq_len} in {DEFAULT_RECIPE})."),
-    batch_size: int | None = typer.Option(
-        None, help=f"Windows per process per micro-step (default: the recipe's; {_D.batch_size} in {DEFAULT_RECIPE})."
-    ),
-    grad_accum: int | None = typer.Option(
-        None, help=f"Micro-steps per optimizer step (default: the recipe's; {_D.grad_accum} in {DEFAULT_RECIPE})."
-    ),
-    lr: float | None = typer.Option(None, help=f"Learning rate of the LoRA stage (default: the recipe's; {_D.lr} in {DEFAULT_RECIPE})."),
-    transfer_lr: float | None = typer.Option(
-        None, help=f"Learning rate of the attention-transfer stage (default: the recipe's; {_D.transfer_lr} in {DEFAULT_RECIPE})."
-    ),
-    lora_rank: int | None = typer.Option(None, help=f"LoRA rank (default: the recipe's; {_D.lora_rank} in {DEFAULT_RECIPE})."),
-    lora_alpha: float | None = typer.Option(None, help="LoRA alpha (default: 2 x rank)."),
-    lora_targets: str | None = typer.Option(
-        None,
-        help=(
-            "Projections that get LoRA: q,k,v,o or the model's own names (q_proj, "
-            f"c_attn, ...; default: the recipe's; {_D.lora_targets} in {DEFAULT_RECIPE})."
+    checkpoint: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="A linconv checkpoint (made by `linconv convert`).")],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="New folder for the fine-tuned checkpoint (outside CHECKPOINT).")],
+    recipe: Annotated[str, typer.Option(help=recipe_help())] = DEFAULT_RECIPE,
+    text: Annotated[
+        str | None,
+        typer.Option(help="Training text: a file, a folder of .txt files or a datasets name (default: the built-in training split)."),
+    ] = None,
+    transfer_steps: Annotated[
+        int | None, typer.Option(help=f"Attention-transfer steps (stage 1; 0 skips it; {_by_recipe(_D.transfer_steps)}).")
+    ] = None,
+    lora_steps: Annotated[
+        int | None, typer.Option(help=f"LoRA fine-tuning steps (stage 2; 0 skips it; {_by_recipe(_D.lora_steps)}).")
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help=f"Tokens per training window ({_by_recipe(_D.seq_len)}).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Windows per process per micro-step ({_by_recipe(_D.batch_size)}).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=f"Micro-steps per optimizer step ({_by_recipe(_D.grad_accum)}).")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Learning rate of the LoRA stage ({_by_recipe(_D.lr)}).")] = None,
+    transfer_lr: Annotated[
+        float | None, typer.Option(help=f"Learning rate of the attention-transfer stage ({_by_recipe(_D.transfer_lr)}).")
+    ] = None,
+    lora_rank: Annotated[int | None, typer.Option(help=f"LoRA rank ({_by_recipe(_D.lora_rank)}).")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: 2 x rank).")] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Projections that get LoRA: q,k,v,o or the model's own names (q_proj, c_attn, ...; {_by_recipe(_D.lora_targets)})."
         ),
-    ),
-    medusa_heads: int = typer.Option(_D.medusa_heads, help="Train this many Medusa draft heads (stage 3) on the fine-tuned model."),
-    medusa_steps: int = typer.Option(_D.medusa_steps, help="Medusa training steps."),
-    medusa_lr: float = typer.Option(_D.medusa_lr, help="Learning rate of the Medusa heads."),
-    merge: bool = typer.Option(
-        True, "--merge/--no-merge", help="Fold the LoRA adapters into the weights, or keep a peft adapter folder OUTPUT/adapter."
-    ),
-    resume: bool = typer.Option(False, help="Continue the interrupted run saved in OUTPUT.partial."),
-    eval_every: int = typer.Option(_D.eval_every, help="Held-out perplexity every N steps, at the start and after each stage (0: never)."),
-    eval_windows: int = typer.Option(_D.eval_windows, help="Held-out windows of --seq-len tokens per evaluation."),
-    eval_text: str | None = typer.Option(None, help="Held-out text (default: the built-in held-out plays)."),
-    save_every: int = typer.Option(_D.save_every, help="Write a resume state every N steps (always also on Ctrl-C; 0: only then)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory (LoRA stage)."),
-    warmup: float | None = typer.Option(
-        None,
-        help=f"Fraction of each stage's steps spent warming the learning rate up (default: the recipe's; {_D.warmup} in {DEFAULT_RECIPE}).",
-    ),
-    seed: int = typer.Option(_D.seed, help="Seed of data order, LoRA init and dropout."),
-    device: str = typer.Option("auto", help="cpu, cuda or auto (under accelerate launch / torchrun each process gets its own)."),
-    dtype: str = typer.Option("fp32", help="fp32, or bf16 / fp16 mixed-precision autocast (CUDA)."),
-    overwrite: bool = typer.Option(False, help="Replace OUTPUT (and any stale OUTPUT.partial)."),
+    ] = None,
+    medusa_heads: Annotated[
+        int, typer.Option(help="Train this many Medusa draft heads (stage 3) on the fine-tuned model.")
+    ] = _D.medusa_heads,
+    medusa_steps: Annotated[int, typer.Option(help="Medusa training steps.")] = _D.medusa_steps,
+    medusa_lr: Annotated[float, typer.Option(help="Learning rate of the Medusa heads.")] = _D.medusa_lr,
+    draft_head: Annotated[
+        str | None,
+        typer.Option(
+            help="Train a draft head (stage 4) on the fine-tuned model: eagle, saved as eagle.safetensors + eagle.json "
+            "for `--spec-decode --draft eagle`."
+        ),
+    ] = None,
+    draft_steps: Annotated[int, typer.Option(help="Draft-head training steps (batches of 4 distilled sequences).")] = _D.draft_steps,
+    draft_lr: Annotated[float, typer.Option(help="Learning rate of the draft head.")] = _D.draft_lr,
+    draft_prompts: Annotated[
+        int, typer.Option(help="Windows of the training text that the model continues greedily: the draft head's training data.")
+    ] = _D.draft_prompts,
+    draft_new_tokens: Annotated[int, typer.Option(help="Tokens of the model's continuation of each draft prompt.")] = _D.draft_new_tokens,
+    draft_vocab: Annotated[
+        int, typer.Option(help="Tokens the draft head may propose: the most frequent in its data (0: the whole vocabulary).")
+    ] = _D.draft_vocab,
+    draft_shape_prompts: Annotated[
+        int, typer.Option(help="Held-out prompts on which the draft head's tree is measured on this device (0: keep its default tree).")
+    ] = _D.draft_shape_prompts,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge/--no-merge", help="Fold the LoRA adapters into the weights, or keep a peft adapter folder OUTPUT/adapter."),
+    ] = True,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run saved in OUTPUT.partial.")] = False,
+    eval_every: Annotated[
+        int, typer.Option(help="Held-out perplexity every N steps, at the start and after each stage (0: never).")
+    ] = _D.eval_every,
+    eval_windows: Annotated[int, typer.Option(help="Held-out windows of --seq-len tokens per evaluation.")] = _D.eval_windows,
+    eval_text: Annotated[str | None, typer.Option(help="Held-out text (default: the built-in held-out plays).")] = None,
+    save_every: Annotated[
+        int, typer.Option(help="Write a resume state every N steps (always also on Ctrl-C; 0: only then).")
+    ] = _D.save_every,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward to save memory (LoRA stage).")] = False,
+    warmup: Annotated[
+        float | None, typer.Option(help=f"Fraction of each stage's steps spent warming the learning rate up ({_by_recipe(_D.warmup)}).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data order, LoRA init and dropout.")] = _D.seed,
+    loss: Annotated[
+        str | None, typer.Option(help="LoRA-stage loss: ce (next token), kl (distil the original model) or mix (default: the recipe's).")
+    ] = None,
+    kl_temperature: Annotated[float, typer.Option(help="Temperature of the distillation KL.")] = _D.kl_temperature,
+    mix_alpha: Annotated[float, typer.Option(help="With --loss mix: weight of CE; KL gets 1 - alpha.")] = _D.mix_alpha,
+    text_mix: Annotated[
+        str | None,
+        typer.Option(help="selfgen:F — a share F of the training tokens written by the original model itself (sampled once, cached)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto (under accelerate launch / torchrun each process gets its own).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 mixed-precision autocast (CUDA).")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT (and any stale OUTPUT.partial).")] = False,
 ) -> None:
-    """Recover quality after conversion: attention transfer, LoRA, optional Medusa heads."""
-    from linconv import report
-    from linconv.finetune import finetune
-
-    given = dict(
+    """Recover quality after conversion: attention transfer, LoRA, optional draft heads (Medusa, EAGLE)."""
+    config = get_recipe(recipe).finetune_config(
         transfer_steps=transfer_steps,
         lora_steps=lora_steps,
         seq_len=seq_len,
@@ -155,13 +139,17 @@ def finetune_command(
         warmup=warmup,
         lora_rank=lora_rank,
         lora_targets=lora_targets,
-    )
-    config = FinetuneConfig(
-        **get_recipe(recipe).options("finetune", given),
         text=text,
         medusa_heads=medusa_heads,
         medusa_steps=medusa_steps,
         medusa_lr=medusa_lr,
+        draft_head=draft_head,
+        draft_steps=draft_steps,
+        draft_lr=draft_lr,
+        draft_prompts=draft_prompts,
+        draft_new_tokens=draft_new_tokens,
+        draft_vocab=draft_vocab,
+        draft_shape_prompts=draft_shape_prompts,
         lora_alpha=lora_alpha,
         merge=merge,
         eval_every=eval_every,
@@ -171,13 +159,12 @@ def finetune_command(
         gradient_checkpointing=gradient_checkpointing,
         dtype=dtype,
         seed=seed,
+        loss=loss,
+        kl_temperature=kl_temperature,
+        mix_alpha=mix_alpha,
+        text_mix=text_mix,
     )
-    reporter = RichReporter()
-    try:
-        result = finetune(checkpoint, output, config, resume=resume, overwrite=overwrite, device=device, reporter=reporter)
-    finally:
-        reporter.close()
-    import torch.distributed as dist
-
+    with RichProgress(width=8) as progress:
+        result = finetune(checkpoint, output, config, resume=resume, overwrite=overwrite, device=device, progress=progress)
     if not dist.is_initialized() or dist.get_rank() == 0:
         report.print_table(_table(result))

@@ -39,7 +39,11 @@ class RichProgress(ProgressProtocol):
     def __enter__(self) -> RichProgress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # the error is the one line left: no half-drawn bars above it
+            for task in list(self.bars.task_ids):
+                self.bars.remove_task(task)
+            self.bars.live.transient = True
         self.close()
 
     def start(self, task: str, total: float | None = None, completed: float = 0) -> None:

@@ -59,6 +59,7 @@ class Adapter:
     dims: Callable[[object], tuple[int, int, int]]  # config -> (heads, kv heads, head dim)
     qkv: Callable[[nn.Module, Tensor, object], tuple[Tensor, Tensor, Tensor]]
     out_proj: str
+    absolute_positions: bool = False  # learned position embeddings: no token past the last one exists
 
     def output(self, m: nn.Module, out: Tensor) -> Tensor:
         return getattr(m, self.out_proj)(_merge(out))
@@ -85,6 +86,7 @@ ADAPTERS: dict[str, Adapter] = {
         dims=_gpt2_dims,
         qkv=_gpt2_qkv,
         out_proj="c_proj",
+        absolute_positions=True,
     ),
 }
 
@@ -95,3 +97,13 @@ def get_adapter(model_type: str) -> Adapter:
     if family not in ADAPTERS:
         raise LinconvError(f"unsupported architecture {model_type!r}; supported: {', '.join(ADAPTERS)}")
     return ADAPTERS[family]
+
+
+def position_limit(config) -> int | None:
+    """The most tokens a model of ``config`` (base or linconv; a config or config.json's dict) can
+    take in one sequence: its positions where they are learned embeddings (GPT-2), None where they
+    are rotary and merely degrade past the trained context."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    if not get_adapter(get("model_type")).absolute_positions:
+        return None
+    return get("max_position_embeddings") or get("n_positions")

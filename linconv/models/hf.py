@@ -37,14 +37,13 @@ def linearize_(model: nn.Module, cfg: LinearizeConfig, model_type: str) -> None:
     """Replace the attention of every layer that ``cfg`` does not keep softmax, in place."""
     adapter = get_adapter(model_type)
     blocks = adapter.blocks(model)
-    cfg.validate(len(blocks))
+    specs = cfg.validate(len(blocks)).specs(len(blocks))
     dims = adapter.dims(model.config)
-    kept = cfg.kept_layers(len(blocks))
-    for i, block in enumerate(blocks):
-        if i not in kept:
+    for i, (block, spec) in enumerate(zip(blocks, specs)):
+        if spec is not None:
             old = getattr(block, adapter.attn_name)
             ref = next(old.parameters())
-            new = LinconvAttention(old, adapter, i, len(blocks), cfg, dims).to(device=ref.device)
+            new = LinconvAttention(old, adapter, i, spec, dims).to(device=ref.device)
             setattr(block, adapter.attn_name, new)
 
 
@@ -110,8 +109,10 @@ for _config_cls, _model_cls in CLASSES.values():
     AutoModelForCausalLM.register(_config_cls, _model_cls)
 
 
-def is_linconv(config: PretrainedConfig) -> bool:
-    return getattr(config, "model_type", "").startswith("linconv-")
+def is_linconv(config: PretrainedConfig | dict) -> bool:
+    """Whether ``config`` (a config object, or a config.json read as a dict) is a linconv checkpoint's."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return str(model_type or "").startswith("linconv-")
 
 
 def linconv_config_for(base: PretrainedConfig, cfg: LinearizeConfig) -> PretrainedConfig:

@@ -12,9 +12,9 @@ to every token of earlier groups through the linear state:
 at group boundaries; decoding keeps it plus the keys/values of the current, unfinished group.
 Without φ (``phi=None``) there is no global part: plain block-local attention.
 
-Scores take raw logits ``l = q·k`` (the caller scales or normalises q, k): ``relu2`` = relu(l)²,
-``softmax`` = exp(l), ``yoso`` = (1 − arccos(l)/π)^τ for unit q, k. Softmax is stabilised by the
-row maximum m of its local logits, with the global term scaled by exp(−m) too, which is exact.
+Scores are registered by name in ``SCORES`` and take raw logits ``l = q·k`` (the caller scales or
+normalises q, k). Softmax is stabilised by the row maximum m of its local logits, with the global
+term scaled by exp(−m) too, which is exact.
 
 Layout: q, k [B, H, T, Dk], v [B, H, T, Dv].
 """
@@ -31,8 +31,8 @@ from torch import Tensor
 from linconv.ops.linear import EPS, exclusive_cumsum, repeat_heads
 
 FeatureMap = Callable[[Tensor], Tensor]
+Score = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]  # (logits, mask) -> (weights, log-shift m or None)
 YOSO_TAU = 8.0
-SCORES = ("relu2", "softmax", "yoso")
 
 
 class GroupState(NamedTuple):
@@ -72,25 +72,40 @@ def _buffered(k: Tensor, v: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     return pad(k), pad(v)
 
 
+def softmax_score(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """exp(l − m), m the row maximum of the visible logits (each query sees at least its own key)."""
+    masked = logits if mask is None else torch.where(mask, logits, float("-inf"))
+    m = masked.amax(-1, keepdim=True).detach()
+    return torch.exp(masked - m), m
+
+
+def _unshifted(w: Tensor, mask: Tensor | None) -> tuple[Tensor, None]:
+    """Weights of a score that needs no shift: zero where masked, m None."""
+    return (w if mask is None else torch.where(mask, w, 0.0)), None
+
+
+def relu2_score(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, None]:
+    """relu(l)²: the paper's local score (for unit q, k)."""
+    return _unshifted(torch.relu(logits).square(), mask)
+
+
+def yoso_score(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, None]:
+    """(1 − arccos(l)/π)^τ: YOSO's expected LSH-Bernoulli collision probability (for unit q, k)."""
+    return _unshifted((1.0 - torch.arccos(logits.clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi).pow(YOSO_TAU), mask)
+
+
+SCORES: dict[str, Score] = {"relu2": relu2_score, "softmax": softmax_score, "yoso": yoso_score}
+
+
 def local_weights(logits: Tensor, mask: Tensor | None, score: str) -> tuple[Tensor, Tensor | None]:
-    """Score weights (zero where ``mask`` is False) and the log-shift m that they carry.
+    """Weights of the registered score ``score`` (zero where ``mask`` is False) and their log-shift m.
 
     ``logits``: [..., Tq, Tk]; ``mask``: broadcastable bool, True for every key a query sees (each
     query sees at least its own key), or None when it sees them all. m [..., Tq, 1] is None except
     for softmax, whose weights are exp(l − m) with m the row maximum; the global term must then be
     scaled by exp(−m) (:func:`global_scale`).
     """
-    if score == "softmax":
-        masked = logits if mask is None else torch.where(mask, logits, float("-inf"))
-        m = masked.amax(-1, keepdim=True).detach()
-        return torch.exp(masked - m), m
-    if score == "relu2":
-        w = torch.relu(logits).square()
-    elif score == "yoso":
-        w = (1.0 - torch.arccos(logits.clamp(-1 + 1e-6, 1 - 1e-6)) / math.pi).pow(YOSO_TAU)
-    else:
-        raise ValueError(f"unknown local score {score!r}; choose from {', '.join(SCORES)}")
-    return (w if mask is None else torch.where(mask, w, 0.0)), None
+    return SCORES[score](logits, mask)
 
 
 def global_scale(alpha: Tensor | float, m: Tensor | None) -> Tensor | float:

@@ -1,18 +1,19 @@
 """Slow, obviously-correct forms of every op, written straight from the formulas. Tests only.
 
-Each is a plain fp32 loop or a full quadratic mask, shares no code with the fast
-forms beyond the score function, and takes the same explicit states.
+Each is a plain fp32 loop or a full quadratic mask, shares no code with the fast forms (not even
+the local score functions, written again here), and takes the same explicit states.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from linconv.ops.linear import EPS, LinearState
-from linconv.ops.local import FeatureMap, GroupState, local_weights
+from linconv.ops.local import YOSO_TAU, FeatureMap, GroupState
 
 
 def linear_quadratic(q: Tensor, k: Tensor, v: Tensor, state: LinearState, normalize: bool) -> Tensor:
@@ -46,6 +47,21 @@ def kv_heads(num_heads: int, num_kv_heads: int) -> list[int]:
     return [h * num_kv_heads // num_heads for h in range(num_heads)]
 
 
+def score_weights(logits: Tensor, score: str) -> tuple[Tensor, Tensor]:
+    """Weights of one query's local keys from their logits l = q·k [..., n], and the shift m [..., 1]
+    that they carry: relu² = max(l, 0)², yoso = (1 − arccos(l)/π)^τ, softmax = exp(l − max l)."""
+    m = torch.zeros_like(logits[..., :1])
+    if score == "relu2":
+        return torch.where(logits > 0, logits * logits, torch.zeros_like(logits)), m
+    if score == "yoso":
+        angle = torch.arccos(torch.clamp(logits, -1 + 1e-6, 1 - 1e-6))  # unit q, k: l = cos(angle)
+        return (1 - angle / math.pi) ** YOSO_TAU, m
+    if score == "softmax":
+        m = logits.max(-1, keepdim=True).values
+        return torch.exp(logits - m), m
+    raise ValueError(f"no reference score {score!r}")
+
+
 def grouped_loop(
     q: Tensor,
     k: Tensor,
@@ -71,7 +87,7 @@ def grouped_loop(
         p = b + t  # position relative to the start of the buffered group
         start = p // G * G
         qt = q[:, :, t : t + 1].float()
-        w, m = local_weights(qt @ keys[:, :, start : p + 1].transpose(-1, -2), torch.ones(1, dtype=torch.bool), score)
+        w, m = score_weights(qt @ keys[:, :, start : p + 1].transpose(-1, -2), score)
         num, den = w @ vals[:, :, start : p + 1], w.sum(-1, keepdim=True)
         if phi is not None:
             S = state.S + phi(keys[:, :, :start]).transpose(-1, -2) @ vals[:, :, :start]

@@ -75,6 +75,12 @@ class SpeculativeDecoder:
 
     def __init__(self, draft=None):
         self.draft = draft
+        self.advance = getattr(draft, "advance", None)  # drafts that read the target's hidden states (EAGLE)
+
+    def prefilled(self, ids: Tensor, hiddens: Tensor) -> None:
+        """A prefill chunk went through the target: ``ids`` [1, T] and its last hidden states [1, T, D]."""
+        if self.advance is not None:
+            self.advance(ids[0].tolist(), hiddens[0])
 
     def begin(self, model, cache, sampler: Sampler, prompts: list[list[int]], hidden: Tensor, logits: Tensor, first: Tensor) -> None:
         self.model, self.cache, self.sampler = model, cache, sampler
@@ -95,6 +101,8 @@ class SpeculativeDecoder:
             after = int(logits[path[-1]].argmax())
         commit(self.model, self.cache, past, path)
         new = [tree.tokens[n] for n in path]
+        if self.advance is not None:
+            self.advance(new, hiddens[path])
         self.context += new
         self.hidden, self.root = hiddens[path[-1]], after
         self.steps += 1

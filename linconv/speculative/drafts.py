@@ -7,9 +7,8 @@ It returns a list of token paths that continue the context; the caller merges th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +16,10 @@ from torch import Tensor, nn
 from linconv.attention.state import LinconvCache, new_cache
 from linconv.data import same_tokenizer
 from linconv.errors import LinconvError
+from linconv.speculative.eagle import eagle_config, eagle_draft
+from linconv.speculative.files import stored_widths
+from linconv.speculative.medusa import MEDUSA_CONFIG, has_medusa, load_medusa
+from linconv.speculative.shape import check_widths
 
 
 class PromptLookup:
@@ -50,8 +53,7 @@ class MedusaDraft:
     state; the tree takes the top ``widths[i]`` guesses at depth i (all combinations)."""
 
     def __init__(self, heads: nn.Module, widths: Sequence[int]):
-        if not widths or min(widths) <= 0:
-            raise LinconvError(f"--tree-widths must be positive per depth, got {list(widths)}")
+        check_widths(widths, heads.head.weight.shape[0])
         if len(widths) > heads.num_heads:
             raise LinconvError(f"tree has {len(widths)} levels but the checkpoint has {heads.num_heads} Medusa heads")
         self.heads, self.widths = heads, list(widths)
@@ -64,6 +66,11 @@ class MedusaDraft:
             top = logits[depth].topk(width).indices.tolist()
             paths = [[*p, t] for p in paths for t in top]
         return paths
+
+    @torch.inference_mode()
+    def path_logits(self, context: Sequence[int], hidden: Tensor, path: Sequence[int]) -> Tensor:
+        """The heads' logits [len(path), V] (they read only ``hidden``): the tree-shape measurement."""
+        return self.heads(hidden[None])[: len(path), 0].float()
 
 
 class DraftModel:
@@ -90,38 +97,62 @@ class DraftModel:
             path.append(int(token))
         if snapshot is not None:
             self.cache.restore(snapshot)
-        else:
-            self.cache.crop(self.seen)
+        else:  # a transformers KV cache: crop takes the number of tokens to drop, negated
+            self.cache.crop(self.seen - self.cache.get_seq_length())
         return [path]
 
 
-def make_draft(
-    spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] = (4, 2, 2)
-):
-    """The draft named by ``spec``: ``lookup``, ``medusa`` (heads saved in ``checkpoint`` by
-    ``linconv finetune --medusa-heads``) or ``model:PATH`` (a linconv folder or any causal LM with
-    the same tokenizer)."""
-    if spec == "lookup":
-        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0] if tree_widths else 1)
+def check_draft(spec: str, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] | None = None) -> None:
+    """The checks of :func:`make_draft` that need no model: a wrong draft fails before any loading."""
+    if draft_tokens <= 0:
+        raise LinconvError(f"--draft-tokens must be > 0, got {draft_tokens}")
+    if tree_widths is not None and (not tree_widths or min(tree_widths) <= 0):
+        raise LinconvError(f"--tree-widths must be positive per depth, got {list(tree_widths)}")
     if spec == "medusa":
-        from linconv.speculative.medusa import load_medusa
-
         if checkpoint is None:
             raise LinconvError("--draft medusa needs a checkpoint fine-tuned with --medusa-heads")
-        return MedusaDraft(load_medusa(checkpoint, model), tree_widths)
+        if not has_medusa(checkpoint):
+            load_medusa(checkpoint)  # raises its one-line explanation before reading any weights
+    elif spec == "eagle":
+        if checkpoint is None:
+            raise LinconvError("--draft eagle needs a checkpoint with an EAGLE head (linconv finetune --draft-head eagle)")
+        eagle_config(checkpoint)  # raises its one-line explanation when there is no head
+    elif spec == "model:":
+        raise LinconvError("--draft model:PATH needs a PATH (a model folder, hub id or .gguf file)")
+    elif spec != "lookup" and not spec.startswith("model:"):
+        raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa, eagle or model:PATH")
+
+
+def make_draft(
+    spec: str, model: nn.Module, tokenizer, checkpoint: str | None, *, draft_tokens: int = 8, tree_widths: Sequence[int] | None = None
+):
+    """The draft named by ``spec``: ``lookup``, ``medusa`` (heads saved in ``checkpoint`` by
+    ``linconv finetune --medusa-heads``), ``eagle`` (a head saved by ``--draft-head eagle``) or
+    ``model:PATH`` (a linconv folder or any causal LM with the same tokenizer). ``tree_widths``
+    None: the tree measured and stored with medusa/eagle drafts, else their default."""
+    check_draft(spec, checkpoint, draft_tokens=draft_tokens, tree_widths=tree_widths)
+    if spec == "lookup":
+        return PromptLookup(num_tokens=draft_tokens, max_candidates=tree_widths[0] if tree_widths else 4)
+    if spec == "medusa":
+        heads = load_medusa(checkpoint, model)
+        return MedusaDraft(heads, tree_widths or stored_widths(checkpoint, MEDUSA_CONFIG) or (4, 2, 2)[: heads.num_heads])
+    if spec == "eagle":
+        return eagle_draft(checkpoint, model, tree_widths)
     if spec.startswith("model:"):
-        import linconv
+        from linconv.checkpoint import linconv_config, load
         from linconv.models import ADAPTERS
         from linconv.sources import load_source
 
         path = spec.removeprefix("model:")
         device, dtype = next(model.parameters()).device, model.dtype
-        config = Path(path) / "config.json"
-        linconv_folder = config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("linconv-")
-        draft, draft_tokenizer = (
-            linconv.load(path, dtype=dtype, device=device) if linconv_folder else load_source(path, ADAPTERS, dtype=dtype, device=device)
-        )
+        loader = load if linconv_config(path) is not None else partial(load_source, supported=ADAPTERS)
+        try:
+            draft, draft_tokenizer = loader(path, dtype=dtype, device=device)
+        except LinconvError as e:
+            raise LinconvError(f"--draft {spec}: {e}") from None
         if draft_tokenizer is None or not same_tokenizer(tokenizer, draft_tokenizer):
             raise LinconvError(f"the draft model {path} does not use the target's tokenizer")
-        return DraftModel(draft, num_tokens=draft_tokens)
-    raise LinconvError(f"unknown draft {spec!r}; choose lookup, medusa or model:PATH")
+        sizes = draft.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
+        if sizes[0] != sizes[1]:
+            raise LinconvError(f"the draft model {path} has a vocabulary of {sizes[0]} tokens, the target {sizes[1]}; they must match")
+    return DraftModel(draft, num_tokens=draft_tokens)

@@ -12,17 +12,14 @@ with ``medusa.json`` always has complete heads.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from linconv.errors import LinconvError
+from linconv.errors import LinconvError, first_line
+from linconv.speculative.files import read_config, read_weights, write_draft
 
 MEDUSA_WEIGHTS = "medusa.safetensors"
 MEDUSA_CONFIG = "medusa.json"
@@ -118,18 +115,7 @@ def medusa_loss(heads: MedusaHeads, hidden: Tensor, input_ids: Tensor, chunk_tok
 
 def save_medusa(heads: MedusaHeads, folder: str | Path) -> Path:
     """Write the heads into ``folder`` (beside a checkpoint): weights first, then medusa.json."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LinconvError(f"cannot save Medusa heads: {folder} is not a folder")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in heads.state_dict().items()}
-    for name, write in (
-        (MEDUSA_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
-        (MEDUSA_CONFIG, lambda p: p.write_text(json.dumps(heads.config(), indent=2) + "\n")),
-    ):
-        tmp = folder / f".{name}.tmp"
-        write(tmp)
-        os.replace(tmp, folder / name)
-    return folder / MEDUSA_WEIGHTS
+    return write_draft(folder, MEDUSA_WEIGHTS, heads.state_dict(), MEDUSA_CONFIG, heads.config())
 
 
 def has_medusa(folder: str | Path) -> bool:
@@ -139,22 +125,16 @@ def has_medusa(folder: str | Path) -> bool:
 def load_medusa(folder: str | Path, model: nn.Module | None = None, *, device=None, dtype: torch.dtype | None = None) -> MedusaHeads:
     """The Medusa heads saved beside the checkpoint ``folder``; attached to ``model``'s output head
     (and moved to its device and dtype) when given. A one-line LinconvError when there are none."""
-    folder = Path(folder)
-    config_file = folder / MEDUSA_CONFIG
-    if not config_file.is_file():
-        raise LinconvError(f"{folder} has no Medusa heads ({MEDUSA_CONFIG} missing); train them with `linconv finetune --medusa-heads H`")
+    missing = f"Medusa heads ({MEDUSA_CONFIG} missing); train them with `linconv finetune --medusa-heads H`"
+    cfg = read_config(folder, MEDUSA_CONFIG, missing, FORMAT_VERSION)
     try:
-        cfg = json.loads(config_file.read_text())
         heads = MedusaHeads(int(cfg["hidden_size"]), int(cfg["num_heads"]), int(cfg.get("num_layers", 1)))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LinconvError(f"cannot read {config_file}: {e}") from None
-    if cfg.get("format_version", 1) > FORMAT_VERSION:
-        raise LinconvError(f"{config_file} has format {cfg['format_version']}, newer than this linconv ({FORMAT_VERSION}); upgrade linconv")
+    except (ValueError, KeyError, TypeError) as e:
+        raise LinconvError(f"cannot read {Path(folder) / MEDUSA_CONFIG}: {e}") from None
     try:
-        state = load_file(str(folder / MEDUSA_WEIGHTS))
-        heads.load_state_dict(state)
-    except (OSError, SafetensorError, RuntimeError) as e:
-        raise LinconvError(f"cannot load {folder / MEDUSA_WEIGHTS}: {str(e).splitlines()[0]}") from None
+        heads.load_state_dict(read_weights(folder, MEDUSA_WEIGHTS))
+    except RuntimeError as e:
+        raise LinconvError(f"cannot load {Path(folder) / MEDUSA_WEIGHTS}: {first_line(e)}") from None
     if model is not None:
         ref = model.get_output_embeddings().weight
         heads.to(device=device or ref.device, dtype=dtype or ref.dtype).attach(model)
