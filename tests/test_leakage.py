@@ -57,7 +57,8 @@ def test_a_conv_that_reads_the_next_token_is_caught(monkeypatch):
 
     def peeking(v, weight, tail=None):
         y, tail = real(v, weight, tail)
-        following = torch.cat([v[:, :, 1:], torch.zeros_like(v[:, :, :1])], 2)
+        following = torch.cat([v[:, :, 1:], torch.zeros_like(v[:, :, :1])], 2)  # [B, Hkv, T, D]
+        following = following.repeat_interleave(weight.shape[0] // v.shape[1], 1)  # query head h reads value head h // (H // Hkv)
         return y + weight[:, 0].view(1, -1, 1, 1).to(y) * following, tail
 
     model = linconv.convert(tiny_model("llama"), linconv.LinearizeConfig(group_size=16, conv_kernel=4))
@@ -75,6 +76,7 @@ def test_a_leak_across_a_group_boundary_is_caught(monkeypatch):
     def far_sighted(q, k, v, state=None, **kw):
         out, new = real(q, k, v, state, **kw)
         ahead = torch.cat([v[:, :, G:], torch.zeros_like(v[:, :, :G])], 2)[:, :, : out.shape[2]]
+        ahead = ahead.repeat_interleave(q.shape[1] // v.shape[1], 1)  # v has the kv heads
         return out + 0.1 * ahead.to(out), new
 
     model = converted("llama", group_size=G)
