@@ -102,11 +102,17 @@ def bench_header_table(result) -> Table:
     return table
 
 
+def _by_role(result, task: str) -> tuple[dict | None, object]:
+    """A per-model task's results (role -> result) and any one of them, for the settings they share;
+    (None, None) when the task did not run."""
+    by_role = result.results.get(task)
+    return (by_role, next(iter(by_role.values()))) if by_role else (None, None)
+
+
 def perplexity_table(result) -> Table | None:
-    ppl = result.results.get("ppl")
-    if not ppl:
+    ppl, any_ = _by_role(result, "ppl")
+    if ppl is None:
         return None
-    any_ = next(iter(ppl.values()))
     src = (result.text or {}).get("source", "text")
     title = f"Perplexity · {src}: {any_.windows} windows × {any_.window} tokens = {any_.tokens:,} tokens ({any_.scored:,} scored)"
     table = Table(title=title)
@@ -167,10 +173,9 @@ def maxlen_table(result) -> Table | None:
 
 
 def speed_table(result) -> Table | None:
-    sp = result.results.get("speed")
-    if not sp:
+    sp, any_ = _by_role(result, "speed")
+    if sp is None:
         return None
-    any_ = next(iter(sp.values()))
     repeats = any_.points[0].repeats if any_.points else 0
     title = (
         f"Tokens/s · prefill in chunks of {any_.prefill_chunk} (median of {repeats}), then {any_.decode_tokens} greedy tokens (median step)"
