@@ -9,8 +9,9 @@ from linconv.errors import LinconvError
 from linconv.speculative.decode import speculative_generate
 from linconv.speculative.drafts import MedusaDraft, make_draft
 from linconv.speculative.eagle import EAGLE_CONFIG, EagleDraft, EagleHead, has_eagle, load_eagle, save_eagle
-from linconv.speculative.eagle_train import EagleTrainConfig, train_eagle
+from linconv.speculative.eagle_train import EagleTrainConfig, eagle_setup, train_eagle
 from linconv.speculative.medusa import MedusaHeads
+from linconv.speculative.shape import spread_windows
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9] * 3  # 36 tokens: advance folds the prompt eagerly
 
@@ -107,6 +108,24 @@ def test_eagle_head_trains_on_its_targets_continuations_and_then_drafts_accepted
     prompt = tokenizer("the quick brown fox jumps over", add_special_tokens=False)["input_ids"]
     spec = speculative_generate(model, prompt, EagleDraft(result.head, [2, 2, 1]), max_new_tokens=24)
     assert spec.tokens == plain(model, 24, prompt) and sum(spec.accepted) >= 3
+
+
+def test_eagle_text_windows_add_the_targets_view_of_the_text_as_it_is(tmp_path):
+    model = converted("llama", group_size=4, conv_kernel=5)
+    tokenizer = tiny_tokenizer()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(600)))
+    cfg = EagleTrainConfig(text=str(text), prompts=4, prompt_tokens=8, new_tokens=8, text_windows=6, candidates=4, draft_vocab=0)
+    _, data = eagle_setup(model, tokenizer, cfg)
+    assert data.ids.shape == (10, 16) and data.features.shape[:2] == (10, 16)
+    read = spread_windows(tokenizer, str(text), "train", 6, 16)
+    assert torch.equal(data.ids[4:], read)  # the windows themselves, not the model's continuations
+    with torch.no_grad():
+        out = model(read, output_hidden_states=True)
+    torch.testing.assert_close(data.features[4:], out.hidden_states[-1])
+    assert torch.equal(data.candidates[4:, :, 0], out.logits.argmax(-1))  # the target's own next-token choice first
+    with pytest.raises(LinconvError, match="text-windows must be >= 0"):
+        EagleTrainConfig(text_windows=-1).validate()
 
 
 def test_eagle_head_is_saved_beside_the_checkpoint_and_loaded_by_draft_eagle(tmp_path):

@@ -90,6 +90,13 @@ def finetune_command(
         int, typer.Option(help="Windows of the training text that the model continues greedily: the draft head's training data.")
     ] = _D.draft_prompts,
     draft_new_tokens: Annotated[int, typer.Option(help="Tokens of the model's continuation of each draft prompt.")] = _D.draft_new_tokens,
+    draft_text_windows: Annotated[
+        int,
+        typer.Option(
+            help="More windows of the training text (--draft-new-tokens + 64 tokens each) that the draft head reads as they are: "
+            "the model's features on real text, one forward each, no generation."
+        ),
+    ] = _D.draft_text_windows,
     draft_vocab: Annotated[
         int, typer.Option(help="Tokens the draft head may propose: the most frequent in its data (0: the whole vocabulary).")
     ] = _D.draft_vocab,
@@ -148,6 +155,7 @@ def finetune_command(
         draft_lr=draft_lr,
         draft_prompts=draft_prompts,
         draft_new_tokens=draft_new_tokens,
+        draft_text_windows=draft_text_windows,
         draft_vocab=draft_vocab,
         draft_shape_prompts=draft_shape_prompts,
         lora_alpha=lora_alpha,

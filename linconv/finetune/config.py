@@ -40,6 +40,7 @@ class FinetuneConfig:
     draft_lr: float = _EAGLE.lr
     draft_prompts: int = _EAGLE.prompts  # training-text windows the model continues greedily: the head's data
     draft_new_tokens: int = _EAGLE.new_tokens  # the model's continuation of each
+    draft_text_windows: int = _EAGLE.text_windows  # more training-text windows, read teacher-forced (no generation)
     draft_vocab: int = _EAGLE.draft_vocab  # tokens the head may propose: the most frequent in its data (0: all)
     draft_shape_prompts: int = 8  # held-out prompts on which the head's tree is measured (0: not measured)
     warmup: float = 0.1  # fraction of each stage's steps with a linear warm-up (then cosine to 10%)
@@ -72,6 +73,7 @@ class FinetuneConfig:
             "medusa_steps",
             "draft_steps",
             "draft_vocab",
+            "draft_text_windows",
             "draft_shape_prompts",
             "eval_every",
             "save_every",

@@ -95,8 +95,7 @@ class Run:
         """``train`` windows mixed with text the original model writes itself (sampled once per base
         model and cached; the main process samples, the others read the cache)."""
         cfg = self.cfg
-        steps = sum(n for _, n in self.plan)
-        tokens = math.ceil(1.1 * share * steps * cfg.batch_size * cfg.grad_accum * self.world * cfg.seq_len)
+        tokens = own_text_tokens(cfg, share, sum(n for _, n in self.plan), self.world)
         gen = None
         if self.main:
             gen = selfgen.self_generated_text(self.model, self.tokenizer, selfgen.SelfGenConfig(tokens=tokens), progress=self.progress)
@@ -231,6 +230,11 @@ def _check_paths(checkpoint: Path, output: Path, partial: Path, resume: bool, ov
         raise LinconvError(f"nothing to resume: no resume checkpoint at {partial} (one is written every --save-every steps and on Ctrl-C)")
     if not resume and partial.exists() and not overwrite:
         raise LinconvError(f"{partial} holds an interrupted run; pass --resume to continue it or --overwrite to start over")
+
+
+def own_text_tokens(cfg: FinetuneConfig, share: float, steps: int, world: int = 1) -> int:
+    """Self-generated tokens a run of ``steps`` optimizer steps reads at a ``share`` of its text (10% spare)."""
+    return math.ceil(1.1 * share * steps * cfg.batch_size * cfg.grad_accum * world * cfg.seq_len)
 
 
 def finetune(

@@ -283,6 +283,7 @@ class Eagle(Stage):
             text=cfg.text,
             prompts=cfg.draft_prompts,
             new_tokens=cfg.draft_new_tokens,
+            text_windows=cfg.draft_text_windows,
             draft_vocab=cfg.draft_vocab,
             steps=cfg.draft_steps,
             lr=cfg.draft_lr,

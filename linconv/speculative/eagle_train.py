@@ -2,8 +2,10 @@
 
 Data (``distill``): prompts are windows of a text (the built-in training plays by default); the
 target continues each greedily, and one forward over prompt + continuation gives its last hidden
-states f_t and its top-K next-token candidates with their probabilities. The head never sees text
-the target would not have produced itself beyond the prompts, and nothing is downloaded.
+states f_t and its top-K next-token candidates with their probabilities. Optionally
+(``text_windows``) more windows of the text are read as they are, teacher-forced: the target's
+features and distribution on them cost one forward and no generation (EAGLE itself trains on a fixed
+dataset). Nothing is downloaded.
 
 Loss (``eagle_loss``), as in EAGLE: from (f_t, x_{t+1}) the head guesses f_{t+1}: a smooth-L1
 regression onto the target's f_{t+1} plus ``ce_weight`` × the cross-entropy of the guess's logits
@@ -37,6 +39,7 @@ class EagleTrainConfig:
     prompts: int = 64  # prompt windows, spread evenly over the text
     prompt_tokens: int = 64
     new_tokens: int = 192  # the target's greedy continuation of each prompt
+    text_windows: int = 0  # windows of prompt_tokens + new_tokens text tokens read teacher-forced, besides
     candidates: int = 32  # K: the target's top-K tokens kept per position for the cross-entropy
     draft_vocab: int = 8192  # tokens the head may propose: the most frequent in the distilled data (0: all)
     steps: int = 300
@@ -51,6 +54,8 @@ class EagleTrainConfig:
         for name in ("prompts", "prompt_tokens", "new_tokens", "candidates", "steps", "batch_size", "generate_batch"):
             if getattr(self, name) <= 0:
                 raise LinconvError(f"EAGLE training: {name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.text_windows < 0:
+            raise LinconvError(f"EAGLE training: text-windows must be >= 0, got {self.text_windows}")
         if self.draft_vocab < 0:
             raise LinconvError(f"EAGLE training: draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if not self.lr > 0 or self.ce_weight < 0 or self.noise < 0:
@@ -72,6 +77,9 @@ class Distilled:
 
     def rows(self, index: Tensor) -> Distilled:
         return Distilled(self.ids[index], self.features[index], self.candidates[index], self.probs[index])
+
+    def __add__(self, other: Distilled) -> Distilled:
+        return Distilled(*(torch.cat([getattr(self, f), getattr(other, f)]) for f in ("ids", "features", "candidates", "probs")))
 
 
 @dataclass
@@ -101,15 +109,23 @@ def target_view(model: nn.Module, ids: Tensor, candidates: int) -> tuple[Tensor,
     return features, torch.stack(tops), torch.stack(probs)
 
 
-def distill(model: nn.Module, prompts: Tensor, cfg: EagleTrainConfig, progress: Progress = SILENT) -> Distilled:
-    """The target's greedy continuations of ``prompts`` [N, P] and its view of them."""
+def distill(
+    model: nn.Module, prompts: Tensor, cfg: EagleTrainConfig, progress: Progress = SILENT, new_tokens: int | None = None
+) -> Distilled:
+    """The target's greedy continuations of ``prompts`` [N, P] by ``new_tokens`` (default
+    ``cfg.new_tokens``; 0: the prompts as they are, teacher-forced) and its view of them."""
+    new_tokens = cfg.new_tokens if new_tokens is None else new_tokens
+    task = "distilling" if new_tokens else "reading text"
     parts: list[tuple[Tensor, ...]] = []
-    progress.start("distilling", prompts.shape[0])
+    progress.start(task, prompts.shape[0])
+    device = next(model.parameters()).device
     for s in range(0, prompts.shape[0], cfg.generate_batch):
-        ids = continue_greedily(model, prompts[s : s + cfg.generate_batch], cfg.new_tokens, cfg.generate_batch)
+        ids = prompts[s : s + cfg.generate_batch].to(device)
+        if new_tokens:
+            ids = continue_greedily(model, ids, new_tokens, cfg.generate_batch)
         parts.append((ids, *target_view(model, ids, cfg.candidates)))
-        progress.update("distilling", s + ids.shape[0])
-    progress.end("distilling")
+        progress.update(task, s + ids.shape[0])
+    progress.end(task)
     return Distilled(*(torch.cat(p) for p in zip(*parts)))
 
 
@@ -152,6 +168,9 @@ def eagle_setup(
     set, and the distilled data (the target's greedy continuations of ``cfg.text``'s windows)."""
     model.eval()
     data = distill(model, spread_windows(tokenizer, cfg.text, "train", cfg.prompts, cfg.prompt_tokens), cfg, progress)
+    if cfg.text_windows:
+        text = spread_windows(tokenizer, cfg.text, "train", cfg.text_windows, cfg.prompt_tokens + cfg.new_tokens)
+        data = data + distill(model, text, cfg, progress, new_tokens=0)
     head = head or EagleHead.for_model(model)
     vocab_size = model.get_output_embeddings().weight.shape[0]
     head.set_vocab(frequent_tokens(torch.cat([data.ids.flatten(), data.candidates[..., 0].flatten()]), vocab_size, cfg.draft_vocab))

@@ -1,8 +1,9 @@
 """bf16 stability: greedy agreement of each model in bf16 with itself in fp32 (run by hand; pytest
 ignores this folder).
 
-For the original default model (SmolLM2-135M-Instruct) and a fresh conversion of it (default recipe;
-in bf16 its weights are bf16 and its decoding state stays fp32), on the held-out plays:
+For the original default model (SmolLM2-135M-Instruct) and a fresh conversion of it (default recipe),
+or ``--checkpoint``, a linconv checkpoint of it (e.g. fine-tuned: the model users run; in bf16 its
+weights are bf16 and its decoding state stays fp32), on the held-out plays:
 
 1. prefill: ``--tokens`` tokens (default 4096) through the cache in chunks of ``--chunk`` (default
    512), keeping every position's logits; per chunk, the share of positions where the bf16 model's
@@ -13,7 +14,7 @@ in bf16 its weights are bf16 and its decoding state stays fp32), on the held-out
 Target (issue 12): the linearized model's agreement no worse than the original's own. Prints a table,
 then one JSON object as the last line. Run:
 
-    python tests/benchmarks/bench_bf16.py [--tokens 4096] [--chunk 512] [--steps 64] [--threads N]
+    python tests/benchmarks/bench_bf16.py [--checkpoint DIR] [--tokens 4096] [--chunk 512] [--steps 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="a linconv checkpoint of the default model (default: convert it now)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     original, tokenizer = load_source(None, ADAPTERS, dtype=torch.float32, device=torch.device("cpu"))
-    linear = linconv.convert(original)
+    linear = linconv.convert(original) if args.checkpoint is None else linconv.load(args.checkpoint, dtype=torch.float32)[0]
     ids = tokenize(tokenizer, load_text(None, "heldout"))[: args.tokens][None]
     results = {}
     for name, model in (("original", original), ("linearized", linear)):
@@ -86,7 +88,16 @@ def main() -> None:
         lin["prefill_agreement"] >= orig["prefill_agreement"] and lin["decode_agreement"] >= orig["decode_agreement"]
     )
     print(
-        json.dumps({"tokens": int(ids.shape[1]), "chunk": args.chunk, "steps": args.steps, "threads": torch.get_num_threads(), **results})
+        json.dumps(
+            {
+                "checkpoint": args.checkpoint,
+                "tokens": int(ids.shape[1]),
+                "chunk": args.chunk,
+                "steps": args.steps,
+                "threads": torch.get_num_threads(),
+                **results,
+            }
+        )
     )
 
 
