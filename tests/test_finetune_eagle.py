@@ -1,6 +1,6 @@
 """``linconv finetune --draft-head eagle``: the EAGLE stage trains a head on the fine-tuned model that
 `--draft eagle` loads with its measured tree, speculation with it is plain greedy, resume is exact,
-bad options are one line."""
+bad options are one line. The Medusa stage measures and stores its tree the same way."""
 
 from __future__ import annotations
 
@@ -61,6 +61,22 @@ def test_eagle_stage_saves_a_head_with_its_tree_that_speculates_plain_greedy(dat
         speculative_generate(model, prompt, make_draft("eagle", model, tokenizer, str(out), tree_widths=[4, 2]), max_new_tokens=16).tokens
         == plain
     )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_medusa_stage_stores_its_measured_tree_and_medusa_drafts_use_it(data, tmp_path):
+    out = tmp_path / "out"
+    finetune(data / "llama", out, config(data, draft_head=None, medusa_heads=2, medusa_steps=2, draft_shape_prompts=1), device="cpu")
+    tree = json.loads((out / "medusa.json").read_text())["tree"]
+    assert len(tree["widths"]) <= 2 and tree["positions"] > 0 and set(tree["cost"]["verify_s"]) >= {"1", "2", "4"}
+    model, tokenizer = linconv.load(out)
+    draft = make_draft("medusa", model, tokenizer, str(out))
+    assert draft.widths == (tree["widths"] or [4, 2])  # an empty best tree (no draft pays) leaves the default
+    prompt = tokenizer("the quick brown fox jumps over the lazy", add_special_tokens=False)["input_ids"]
+    plain = speculative_generate(model, prompt, None, max_new_tokens=16).tokens
+    assert speculative_generate(model, prompt, draft, max_new_tokens=16).tokens == plain
+    finetune(data / "llama", tmp_path / "none", config(data, draft_head=None, medusa_heads=2, medusa_steps=2), device="cpu")
+    assert "tree" not in json.loads((tmp_path / "none" / "medusa.json").read_text())  # --draft-shape-prompts 0
 
 
 def test_eagle_stage_alone_trains_the_head_and_leaves_the_model(data, tmp_path):

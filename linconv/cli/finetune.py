@@ -101,7 +101,8 @@ def finetune_command(
         int, typer.Option(help="Tokens the draft head may propose: the most frequent in its data (0: the whole vocabulary).")
     ] = _D.draft_vocab,
     draft_shape_prompts: Annotated[
-        int, typer.Option(help="Held-out prompts on which the draft head's tree is measured on this device (0: keep its default tree).")
+        int,
+        typer.Option(help="Held-out prompts on which the Medusa and EAGLE trees are measured on this device (0: the default tree)."),
     ] = _D.draft_shape_prompts,
     merge: Annotated[
         bool,

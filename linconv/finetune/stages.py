@@ -36,9 +36,11 @@ from linconv.finetune.data import WindowOrder, mix
 from linconv.loss import distill_loss, lm_loss, model_parts
 from linconv.models import get_adapter
 from linconv.progress import SILENT, Progress
+from linconv.speculative.drafts import MedusaDraft
 from linconv.speculative.eagle import EAGLE_WEIGHTS, EagleDraft, EagleHead, save_eagle
 from linconv.speculative.eagle_train import EagleTrainConfig, eagle_loss, eagle_setup, frequent_tokens
-from linconv.speculative.medusa import MEDUSA_WEIGHTS, MedusaHeads, medusa_loss, save_medusa
+from linconv.speculative.files import store_tree
+from linconv.speculative.medusa import MEDUSA_CONFIG, MEDUSA_WEIGHTS, MedusaHeads, medusa_loss, save_medusa
 from linconv.speculative.shape import shape_tree, spread_windows
 
 if TYPE_CHECKING:
@@ -222,6 +224,20 @@ class LoRA(Stage):
         return {} if self.cfg.merge else {"adapter": self.output / "adapter"}
 
 
+SHAPE_TOKENS, SHAPE_DEPTH = 64, 6  # prompt and continuation tokens per tree-shape prompt; EAGLE depths measured
+
+
+def measure_tree(stage: Stage, model: nn.Module, draft, what: str, depth: int) -> dict | None:
+    """The draft's best static tree against ``model``, measured on ``--draft-shape-prompts`` held-out
+    Britannica prompts on this device (None when that option is 0: the draft keeps its default tree)."""
+    n = stage.cfg.draft_shape_prompts
+    if not n:
+        return None
+    stage.progress.message(f"measuring the {what} tree on {n} held-out prompt{'s' * (n > 1)}…")
+    prompts = spread_windows(stage.tokenizer, None, "britannica", n, SHAPE_TOKENS)
+    return shape_tree(model, draft, prompts, new_tokens=SHAPE_TOKENS, depth=depth).to_dict()
+
+
 class Medusa(Stage):
     name, number, idle = "medusa", 2, "there are no --medusa-heads"
     steps_option, lr_option = "medusa_steps", "medusa_lr"
@@ -234,6 +250,7 @@ class Medusa(Stage):
 
     def prepare(self) -> Trainable:
         self.heads = MedusaHeads.for_model(self.model, self.cfg.medusa_heads)
+        self.tree = None
         self.decoder, _ = model_parts(self.model)
         self.model.eval()
         self.heads.train()
@@ -247,8 +264,17 @@ class Medusa(Stage):
     def tensors(self) -> dict[str, Tensor]:
         return {f"medusa.{n}": p for n, p in self.heads.named_parameters()}
 
+    def finish(self, model: nn.Module, scratch: Path) -> nn.Module:
+        """Measure the heads' best tree against ``model`` as it will be saved (main process)."""
+        self.heads.eval()
+        draft = MedusaDraft(self.heads.attach(model), [1] * self.cfg.medusa_heads)
+        self.tree = measure_tree(self, model, draft, "Medusa heads'", depth=self.cfg.medusa_heads)
+        return model
+
     def save(self, folder: Path, scratch: Path, dtype: torch.dtype) -> None:
         save_medusa(self.heads.to(dtype), folder)
+        if self.tree:
+            store_tree(folder, MEDUSA_CONFIG, self.tree)
 
     def card(self) -> dict:
         return {"medusa_heads": self.cfg.medusa_heads}
@@ -271,7 +297,6 @@ class Eagle(Stage):
     steps_option, lr_option = "draft_steps", "draft_lr"
     evaluates = False  # the head does not change the model's own predictions
     card_keys = ("draft_head",)
-    SHAPE_TOKENS, SHAPE_DEPTH = 64, 6  # prompt and continuation tokens per shape prompt; depths measured
 
     @classmethod
     def steps(cls, cfg: FinetuneConfig) -> int:
@@ -326,13 +351,7 @@ class Eagle(Stage):
 
     def finish(self, model: nn.Module, scratch: Path) -> nn.Module:
         """Measure the head's best tree against ``model`` as it will be saved (main process)."""
-        self.head.attach(model)
-        if self.cfg.draft_shape_prompts:
-            n = self.cfg.draft_shape_prompts
-            self.progress.message(f"measuring the EAGLE head's tree on {n} held-out prompt{'s' * (n > 1)}…")
-            prompts = spread_windows(self.tokenizer, None, "britannica", n, self.SHAPE_TOKENS)
-            draft = EagleDraft(self.head)
-            self.tree = shape_tree(model, draft, prompts, new_tokens=self.SHAPE_TOKENS, depth=self.SHAPE_DEPTH).to_dict()
+        self.tree = measure_tree(self, model, EagleDraft(self.head.attach(model)), "EAGLE head's", depth=SHAPE_DEPTH)
         return model
 
     def save(self, folder: Path, scratch: Path, dtype: torch.dtype) -> None:

@@ -26,7 +26,6 @@ and writes ``results.md``. Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from records import read_records, record_path, selected, write_record
 
 LICENCES = ("GPL-3", "LGPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0")
 TEXTS = ("plays", "britannica", "third")
@@ -145,14 +145,11 @@ def main() -> None:
     base, tokenizer = load_source(None, ADAPTERS)
     texts = {"plays": load_text(None, "heldout"), "britannica": load_text(None, "britannica"), "third": third_text(args.third_text)}
     ids = {name: tokenize(tokenizer, text) for name, text in texts.items()}
-    names = args.only.split(",") if args.only else list(RUNS)
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    names = selected(args.only, RUNS)
     orig = record_path(args.out, "original")
     if not orig.exists():
         rec = {"name": "original", "perplexity": perplexities(base, ids), "text_tokens": {n: len(t) for n, t in ids.items()}}
-        write(orig, rec)
+        write_record(orig, rec)
     for name in names:
         path = record_path(args.out, name)
         if path.exists():
@@ -160,26 +157,16 @@ def main() -> None:
         print(f"== {name}", flush=True)
         rec = run_one(name, base, tokenizer, ids, args)
         rec["what"] = RUNS[name][0]
-        write(path, rec)
+        write_record(path, rec)
         print("   " + "  ".join(f"{t} {rec['perplexity'][t]:.2f}" for t in TEXTS) + f"  {rec['cpu_minutes']:.1f} CPU-min", flush=True)
     report(args.out)
-
-
-def record_path(out: Path, name: str) -> Path:
-    return out / (name.replace("/", "__") + ".json")
-
-
-def write(path: Path, rec: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)
 
 
 def report(out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    records = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("*.json")}
+    records = read_records(out)
     orig = records.pop("original", None)
     if orig is None:
         raise SystemExit(f"no original.json in {out}")

@@ -25,7 +25,6 @@ Resumable: one JSON record per run in ``--out`` (a finished run is skipped); ``-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from records import read_records, record_path, selected, write_record
 
 from linconv.config import LinearizeConfig
 
@@ -86,10 +86,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print/write the table from the records")
     return p.parse_args()
-
-
-def record_path(out: Path, name: str) -> Path:
-    return out / (name.replace("/", "__") + ".json")
 
 
 def heldout_ppl(model, ids, windows: int) -> float:
@@ -157,13 +153,10 @@ def main() -> None:
 
     base, tokenizer = load_source(None, ADAPTERS)
     ids = tokenize(tokenizer, load_text(None, "heldout"))
-    names = args.only.split(",") if args.only else list(RUNS)
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    names = selected(args.only, RUNS)
     orig = record_path(args.out, "original")
     if not orig.exists():
-        orig.write_text(json.dumps({"name": "original", "finetuned_ppl": heldout_ppl(base, ids, args.eval_windows)}))
+        write_record(orig, {"name": "original", "finetuned_ppl": heldout_ppl(base, ids, args.eval_windows)})
     for name in names:
         path = record_path(args.out, name)
         if path.exists():
@@ -171,9 +164,7 @@ def main() -> None:
         print(f"== {name}", flush=True)
         rec = run_one(name, RUNS[name][1], base, tokenizer, ids, args)
         rec["what"] = RUNS[name][0]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1))
-        tmp.replace(path)
+        write_record(path, rec)
         print(
             f"   {rec['converted_ppl']:.1f} -> {rec['finetuned_ppl']:.1f}  leaks={rec['leaks']}  {rec['cpu_minutes']:.1f} CPU-min",
             flush=True,
@@ -185,7 +176,7 @@ def report(out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    records = {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("*.json")}
+    records = read_records(out)
     orig = records.pop("original", None)
     rows = [records[n] for n in RUNS if n in records]
     base = orig["finetuned_ppl"] if orig else float("nan")

@@ -1,0 +1,32 @@
+"""Resumable comparison runs: one JSON record per run in a folder (the compare_* scripts)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def record_path(out: Path, name: str) -> Path:
+    return out / (name.replace("/", "__") + ".json")
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Atomically: an interrupted run leaves no half-written record."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    return {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("*.json")}
+
+
+def selected(only: str | None, runs: Iterable[str]) -> list[str]:
+    """The runs named by ``--only`` (comma-separated; None: all), refusing unknown names."""
+    runs = list(runs)
+    names = only.split(",") if only else runs
+    unknown = [n for n in names if n not in runs]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(runs)}")
+    return names
