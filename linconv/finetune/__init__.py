@@ -10,9 +10,10 @@ checkpoint with its card (``card.py``).
 """
 
 from linconv.finetune.config import PRECISIONS, FinetuneConfig, FinetuneResult, StageResult
+from linconv.finetune.lora_targets import lora_projections, lora_target_modules
 from linconv.finetune.resume import resume_folder
 from linconv.finetune.run import finetune
-from linconv.finetune.stages import STAGES, Stage, lora_projections, lora_target_modules
+from linconv.finetune.stages import STAGES, Stage
 
 __all__ = [
     "PRECISIONS",
