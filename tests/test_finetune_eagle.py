@@ -129,6 +129,7 @@ def test_cli_trains_a_head_that_generate_draft_eagle_uses(data, tmp_path):
         (["--draft-head", "eagle", "--draft-steps", "-1"], "--draft-steps must be >= 0, got -1"),
         (["--draft-head", "eagle", "--draft-lr", "0"], "--draft-lr must be > 0 and finite"),
         (["--draft-head", "eagle", "--draft-prompts", "0"], "--draft-prompts must be > 0"),
+        (["--draft-head", "eagle", "--draft-text-windows", "-1"], "--draft-text-windows must be >= 0, got -1"),
     ],
 )
 def test_bad_draft_options_are_one_line_errors(data, tmp_path, options, says):

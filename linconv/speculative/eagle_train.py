@@ -39,7 +39,7 @@ class EagleTrainConfig:
     prompts: int = 64  # prompt windows, spread evenly over the text
     prompt_tokens: int = 64
     new_tokens: int = 192  # the target's greedy continuation of each prompt
-    text_windows: int = 0  # windows of prompt_tokens + new_tokens text tokens read teacher-forced, besides
+    text_windows: int = 0  # more windows (prompt_tokens + new_tokens tokens each) read as they are, teacher-forced
     candidates: int = 32  # K: the target's top-K tokens kept per position for the cross-entropy
     draft_vocab: int = 8192  # tokens the head may propose: the most frequent in the distilled data (0: all)
     steps: int = 300

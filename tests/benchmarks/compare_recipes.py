@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from records import read_records, record_path, selected, write_record
+from records import pending, read_records, record_path, write_record
 
 LICENCES = ("GPL-3", "LGPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0")
 TEXTS = ("plays", "britannica", "third")
@@ -104,14 +104,11 @@ def run_one(name: str, base, tokenizer, ids, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="linconv-recipes-"))
     try:
         save_checkpoint(model, tokenizer, work / "converted", card={"run": name})
-        del model
         selfgen_s = 0.0
-        if ft.text_mix:  # sample the own text first (cached), so that its time is not the fine-tuning's
-            converted, _ = load(work / "converted")
-            steps = ft.transfer_steps + ft.lora_steps
-            own = self_generated_text(converted, tokenizer, SelfGenConfig(tokens=own_text_tokens(ft, args.selfgen_share, steps)))
-            selfgen_s = own.seconds  # wall time of the sampling, whenever it happened (the cache keeps it)
-            del converted
+        if ft.text_mix:  # sample the own text first (cached per base model), so that its time is not the fine-tuning's
+            tokens = own_text_tokens(ft, args.selfgen_share, ft.transfer_steps + ft.lora_steps)
+            selfgen_s = self_generated_text(model, tokenizer, SelfGenConfig(tokens=tokens)).seconds  # when sampled (the cache keeps it)
+        del model
         cpu0, wall0 = time.process_time(), time.perf_counter()
         result = finetune(work / "converted", work / "tuned", ft)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -145,15 +142,12 @@ def main() -> None:
     base, tokenizer = load_source(None, ADAPTERS)
     texts = {"plays": load_text(None, "heldout"), "britannica": load_text(None, "britannica"), "third": third_text(args.third_text)}
     ids = {name: tokenize(tokenizer, text) for name, text in texts.items()}
-    names = selected(args.only, RUNS)
+    todo = pending(args.out, args.only, RUNS)
     orig = record_path(args.out, "original")
     if not orig.exists():
         rec = {"name": "original", "perplexity": perplexities(base, ids), "text_tokens": {n: len(t) for n, t in ids.items()}}
         write_record(orig, rec)
-    for name in names:
-        path = record_path(args.out, name)
-        if path.exists():
-            continue
+    for name, path in todo:
         print(f"== {name}", flush=True)
         rec = run_one(name, base, tokenizer, ids, args)
         rec["what"] = RUNS[name][0]

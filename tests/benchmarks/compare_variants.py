@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from records import read_records, record_path, selected, write_record
+from records import pending, read_records, record_path, write_record
 
 from linconv.config import LinearizeConfig
 
@@ -153,14 +153,11 @@ def main() -> None:
 
     base, tokenizer = load_source(None, ADAPTERS)
     ids = tokenize(tokenizer, load_text(None, "heldout"))
-    names = selected(args.only, RUNS)
+    todo = pending(args.out, args.only, RUNS)
     orig = record_path(args.out, "original")
     if not orig.exists():
         write_record(orig, {"name": "original", "finetuned_ppl": heldout_ppl(base, ids, args.eval_windows)})
-    for name in names:
-        path = record_path(args.out, name)
-        if path.exists():
-            continue
+    for name, path in todo:
         print(f"== {name}", flush=True)
         rec = run_one(name, RUNS[name][1], base, tokenizer, ids, args)
         rec["what"] = RUNS[name][0]

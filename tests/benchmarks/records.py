@@ -22,11 +22,12 @@ def read_records(out: Path) -> dict[str, dict]:
     return {p.stem.replace("__", "/"): json.loads(p.read_text()) for p in out.glob("*.json")}
 
 
-def selected(only: str | None, runs: Iterable[str]) -> list[str]:
-    """The runs named by ``--only`` (comma-separated; None: all), refusing unknown names."""
+def pending(out: Path, only: str | None, runs: Iterable[str]) -> list[tuple[str, Path]]:
+    """(name, record path) of each run named by ``--only`` (comma-separated; None: all) that has no
+    record in ``out`` yet; unknown names are refused at once."""
     runs = list(runs)
     names = only.split(",") if only else runs
     unknown = [n for n in names if n not in runs]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(runs)}")
-    return names
+    return [(name, record_path(out, name)) for name in names if not record_path(out, name).exists()]
