@@ -42,6 +42,7 @@ class LinearizeConfig:
 
     attention: str = DEFAULT_VARIANT
     group_size: int = 256  # measured best for augmented-softmax (the paper used 64)
+    sinks: int | None = None  # first tokens every later group also attends locally (attention sinks); None: a whole group
     conv_kernel: int | None = None
     conv_mask: bool = True  # False: the paper's conv without its causal mask (ablation; not causal)
     keep_softmax_layers: list[int] = field(default_factory=list)
@@ -58,6 +59,12 @@ class LinearizeConfig:
         """The layers that keep softmax attention in a model of ``num_layers`` layers."""
         every = set(range(self.softmax_every - 1, num_layers, self.softmax_every)) if self.softmax_every else set()
         return set(self.keep_softmax_layers) | every
+
+    @property
+    def sink_count(self) -> int:
+        """The attention sinks of the grouped layers: ``sinks``, or the whole first group when None
+        (measured best on three texts, README "Does the recovery generalise?")."""
+        return self.group_size if self.sinks is None else self.sinks
 
     def specs(self, num_layers: int) -> list[AttentionSpec | None]:
         """What each layer of a ``num_layers``-layer model computes (None: it keeps softmax).
@@ -77,7 +84,9 @@ class LinearizeConfig:
             linformer_max_len=self.linformer_max_len,
         )
         return [
-            None if i in kept else AttentionSpec(**asdict(form), seed=self.seed * 1000 + i, **options)
+            None
+            if i in kept
+            else AttentionSpec(**asdict(form), seed=self.seed * 1000 + i, sinks=self.sink_count if form.score else 0, **options)
             for i, form in enumerate(variant.layer_forms(num_layers))
         ]
 
@@ -93,6 +102,12 @@ class LinearizeConfig:
         for name in ("group_size", "chunk_size", "linformer_rank", "linformer_max_len"):
             if getattr(self, name) <= 0:
                 raise LinconvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.sink_count <= self.group_size:
+            raise LinconvError(
+                f"--sinks must be between 0 and --group-size ({self.group_size}): the sinks are the first group's first tokens"
+            )
+        if self.sinks and not any(s.score for s in specs):  # (None: as many as the layers have)
+            raise LinconvError(f"--sinks needs a variant with a local score (variant {self.attention!r} has none)")
         if self.conv_kernel is not None and self.conv_kernel < 0:
             raise LinconvError(f"--conv-kernel must be >= 0 (0 disables the convolution), got {self.conv_kernel}")
         bounds = {"group_size": MAX_GROUP_SIZE, "chunk_size": MAX_GROUP_SIZE, "conv_kernel": MAX_CONV_KERNEL}
@@ -119,4 +134,5 @@ class LinearizeConfig:
     @classmethod
     def from_dict(cls, d: dict) -> LinearizeConfig:
         known = {f.name for f in fields(cls)}
+        d = {"sinks": 0, **d}  # a checkpoint from before --sinks has none, whatever today's default
         return cls(**{k: v for k, v in d.items() if k in known})

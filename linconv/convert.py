@@ -27,6 +27,7 @@ class ConversionSummary:
     params_added: int
     conv_kernel: int
     group_size: int
+    sinks: int
 
 
 def convert(
@@ -94,4 +95,5 @@ def summarize(model: nn.Module) -> ConversionSummary:
         params_added=sum(params[n].numel() for n in linconv_tensor_names(model) if n in params),
         conv_kernel=max((s.conv_taps for s in cfg.specs(len(blocks)) if s is not None), default=0),
         group_size=cfg.group_size,
+        sinks=max((s.sinks for s in cfg.specs(len(blocks)) if s is not None), default=0),
     )

@@ -41,7 +41,9 @@ DEFAULT_RECIPE = "linconv"
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
-        Recipe(DEFAULT_RECIPE, "best measured: augmented-softmax (in-group softmax, hedgehog global, DWConv)"),
+        Recipe(
+            DEFAULT_RECIPE, "best measured: augmented-softmax (in-group softmax, hedgehog global, DWConv), the first group kept as sinks"
+        ),
         Recipe(
             "hybrid",
             "linconv with every 5th layer kept softmax: exact recall for speculative decoding "
@@ -50,8 +52,8 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "paper",
-            "the paper's exact form: augmented (in-group relu², relu global, 32-tap DWConv), groups of 64",
-            convert={"attention": "augmented", "group_size": 64},
+            "the paper's exact form: augmented (in-group relu², relu global, 32-tap DWConv), groups of 64, no sinks",
+            convert={"attention": "augmented", "group_size": 64, "sinks": 0},
         ),
     ]
 }

@@ -36,7 +36,7 @@ def conversion_table(summary, output) -> Table:
     table.add_row("variant", summary.variant)
     table.add_row("layers converted", f"{len(summary.converted)} of {summary.layers}")
     table.add_row("layers kept (softmax)", _layers(summary.kept))
-    table.add_row("group size / conv taps", f"{summary.group_size} / {summary.conv_kernel}")
+    table.add_row("group size / sinks / conv taps", f"{summary.group_size} / {summary.sinks} / {summary.conv_kernel}")
     table.add_row("parameters added", f"{summary.params_added:,}")
     return table
 

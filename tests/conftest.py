@@ -107,14 +107,15 @@ def converted(arch: str = "llama", variant: str | None = None, seed: int = 0, **
 
 def state_contents(cache) -> list[torch.Tensor]:
     """The tensors that carry a LinconvCache's information: a group buffer only up to its fill (the
-    slots after it hold stale keys of an earlier group)."""
+    slots after it hold stale keys of an earlier group), the sinks once they are held."""
     from linconv.ops import GroupState
 
     out = []
     for state in cache.states:
         attn = state.attn
         if isinstance(attn, GroupState):
-            out += [attn.S, attn.z, attn.keys(), attn.values(), torch.tensor(attn.fill)]
+            out += [attn.S, attn.z, attn.keys(), attn.values(), torch.tensor(attn.fill), attn.sinks_on]
+            out += [attn.k_sink, attn.v_sink] if attn.sinks_on else []
         elif attn is not None:
             out += [t for t in attn if t is not None]
         if state.conv is not None:

@@ -75,7 +75,7 @@ def test_losses_decrease(data, tmp_path):
         text=str(data / "one.txt"),
         batch_size=1,
         transfer_steps=10,
-        lora_steps=10,
+        lora_steps=20,
         medusa_heads=2,
         medusa_steps=10,
         transfer_lr=1e-2,

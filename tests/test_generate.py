@@ -90,16 +90,17 @@ def test_prefill_is_chunked_and_computes_last_logits_only():
 
 
 @pytest.mark.slow  # compiling takes minutes on a CPU
+@pytest.mark.parametrize("sinks,prompt_tokens", [(0, 7), (2, 3)])  # sinks: the compiled steps finish the first group
 @torch.inference_mode()
-def test_compiled_step_equals_eager_steps_one_forward_and_speculation():
+def test_compiled_step_equals_eager_steps_one_forward_and_speculation(sinks, prompt_tokens):
     from conftest import state_contents
 
     from linconv.compiled import compiled_decode_step
     from linconv.speculative.decode import speculative_generate
     from linconv.speculative.drafts import PromptLookup
 
-    model = converted("llama", group_size=4, conv_kernel=3)  # 12 steps cross three group boundaries
-    ids = prompt(7)
+    model = converted("llama", group_size=4, conv_kernel=3, sinks=sinks)  # 12 steps cross three group boundaries
+    ids = prompt(prompt_tokens)
     eager = generate(model, ids, max_new_tokens=12, keep_logits=True)
     comp = generate(model, ids, max_new_tokens=12, keep_logits=True, compile=True)
     assert comp.tokens == eager.tokens

@@ -34,10 +34,10 @@ def decode_logits(model, ids, prefill):
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("variant", CAUSAL)
+@pytest.mark.parametrize("variant,sinks", [(v, None) for v in CAUSAL] + [(None, 0), (None, 2), ("augmented", 1)])  # None: a group
 @torch.inference_mode()
-def test_recurrent_decode_equals_parallel_forward(arch, variant):
-    model = converted(arch, variant)
+def test_recurrent_decode_equals_parallel_forward(arch, variant, sinks):
+    model = converted(arch, variant, sinks=sinks)
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     full = model(ids, use_cache=False).logits
     step, cache = decode_logits(model, ids, prefill=5)
@@ -70,17 +70,18 @@ def test_a_long_forward_runs_in_slices_with_the_same_outputs_and_gradients(varia
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["augmented-softmax", "augmented", "hedgehog"])
+@pytest.mark.parametrize("variant,sinks", [("augmented-softmax", 0), ("augmented-softmax", 3), ("augmented", 0), ("hedgehog", 0)])
 @torch.inference_mode()
-def test_state_is_allocated_once_and_never_changes_size(variant):
+def test_state_is_allocated_once_and_never_changes_size(variant, sinks):
     """The same bytes at every position in the group, no new state tensor for any decoded token,
     and the group buffer / conv tail held at the key/value head count (2 of the 4 query heads)."""
     G, K = 8, 5
-    model = converted("llama", variant, group_size=G, conv_kernel=K)
+    model = converted("llama", variant, group_size=G, conv_kernel=K, sinks=sinks)
     H, Hkv, D = 4, 2, 8
     F = {"augmented-softmax": 2 * D, "augmented": D, "hedgehog": 2 * D}[variant]
-    buffers = 2 * Hkv * G * D if variant.startswith("augmented") else 0
-    want = 2 * 4 * (H * F * D + H * F + buffers + Hkv * (K - 1) * D)  # layers x fp32 x (S, z, k/v buffers, conv tail)
+    buffers = 2 * Hkv * (G + sinks) * D if variant.startswith("augmented") else 0  # the group's and the sinks' keys/values
+    flag = 1 if variant.startswith("augmented") else 0  # one bool: the sinks are held
+    want = 2 * (4 * (H * F * D + H * F + buffers + Hkv * (K - 1) * D) + flag)  # layers x (fp32 S, z, k/v buffers, conv tail)
     for n in (1, G - 1, G, G + 1, 3 * G + 5):
         ids = torch.randint(4, 90, (1, n + 2 * G))
         cache = model.new_cache()

@@ -41,9 +41,11 @@ def greedy(model, n):
     return speculative_generate(model, PROMPT, None, max_new_tokens=n).tokens
 
 
-@pytest.mark.parametrize("variant", CAUSAL)
-def test_speculative_output_is_greedy_output_for_every_variant(variant):
-    model = converted("llama", variant, group_size=4, conv_kernel=5)
+@pytest.mark.parametrize(
+    "variant,options", [(v, {"group_size": 4}) for v in CAUSAL] + [(None, {"group_size": 16, "sinks": 3}), (None, {"sinks": 0})]
+)
+def test_speculative_output_is_greedy_output_for_every_variant(variant, options):
+    model = converted("llama", variant, conv_kernel=5, **options)  # groups of 16: trees cross into the second group, sinks unheld
     truth = greedy(model, 24)
     ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=24, do_sample=False)[0, len(PROMPT) :].tolist()
     assert truth == ref
@@ -79,11 +81,12 @@ def test_softmax_and_hybrid_models_verify_trees_too(arch):
         assert speculative_generate(model, PROMPT, OracleDraft(truth), max_new_tokens=16).tokens == truth
 
 
+@pytest.mark.parametrize("options", [{"group_size": 4}, {"group_size": 16, "sinks": 3}])
 @torch.inference_mode()
-def test_state_after_speculation_equals_state_after_plain_decoding():
+def test_state_after_speculation_equals_state_after_plain_decoding(options):
     from linconv.speculative import verify as V
 
-    model = converted("llama", group_size=4, conv_kernel=5)
+    model = converted("llama", conv_kernel=5, **options)
     truth = greedy(model, 12)
     draft = OracleDraft(truth, depth=6, seed=3)
     # speculative: verify + commit, keeping the cache

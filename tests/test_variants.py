@@ -15,8 +15,11 @@ from linconv.attention.spec import AttentionSpec
 from linconv.attention.variants import DEFAULT_VARIANT, VARIANTS
 from linconv.errors import LinconvError
 from linconv.models import get_adapter
+from linconv.recipes import RECIPES
 
-OPTIONS = dict(variant="t", conv_taps=0, conv_mask=True, group_size=4, chunk_size=8, seed=0, linformer_rank=4, linformer_max_len=16)
+OPTIONS = dict(
+    variant="t", conv_taps=0, conv_mask=True, group_size=4, sinks=0, chunk_size=8, seed=0, linformer_rank=4, linformer_max_len=16
+)
 
 
 def test_transnormer_resolves_block_softmax_in_the_lower_half_only():
@@ -100,6 +103,7 @@ def test_the_saved_config_section_keeps_its_fields():
     assert [f.name for f in dataclasses.fields(linconv.LinearizeConfig)] == [
         "attention",
         "group_size",
+        "sinks",
         "conv_kernel",
         "conv_mask",
         "keep_softmax_layers",
@@ -112,6 +116,32 @@ def test_the_saved_config_section_keeps_its_fields():
         "source",
         "format_version",
     ]
+
+
+def test_a_config_saved_before_sinks_existed_loads_without_sinks():
+    old = linconv.LinearizeConfig(group_size=16).to_dict()
+    assert linconv.LinearizeConfig.from_dict(old).sink_count == 16  # today's default: the whole first group
+    del old["sinks"]
+    assert linconv.LinearizeConfig.from_dict(old).sink_count == 0
+
+
+def test_default_sinks_are_a_group_and_only_where_there_is_a_local_score():
+    specs = linconv.LinearizeConfig(attention="transnormer", group_size=16).validate().specs(4)
+    assert [s.sinks for s in specs] == [16, 16, 0, 0]  # block softmax below, no local score above
+    assert all(s.sinks == 0 for s in RECIPES["paper"].linearize_config().validate().specs(2))  # the paper's exact form
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"sinks": -1}, "--sinks must be between 0 and --group-size"),
+        ({"sinks": 17, "group_size": 16}, "--sinks must be between 0 and --group-size"),
+        ({"sinks": 4, "attention": "hedgehog"}, "--sinks needs a variant with a local score"),
+    ],
+)
+def test_impossible_sinks_are_refused(options, message):
+    with pytest.raises(LinconvError, match=message):
+        linconv.LinearizeConfig(**options).validate()
 
 
 def test_attention_never_imports_the_config():

@@ -110,7 +110,9 @@ class LinconvAttention(nn.Module):
         q, k, v = self._prepare(*_fp32(q, k, v))  # one rounding to the model's dtype, at the end
         phi, var = self.feature_map, self.spec
         if var.score:
-            out, attn = ops.grouped_attention(q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha)
+            out, attn = ops.grouped_attention(
+                q, k, v, state.attn, group_size=self.group_size, score=var.score, phi=phi, alpha=self._alpha, sinks=var.sinks
+            )
         elif q.shape[2] == 1 and state.attn is not None:
             kr, vr = self._repeat(k, v)
             out, attn = ops.linear_attention_step(phi(q)[:, :, 0], phi(kr)[:, :, 0], vr[:, :, 0], state.attn)
@@ -159,7 +161,7 @@ class LinconvAttention(nn.Module):
     def _empty_state(self, q: Tensor, k: Tensor, v: Tensor) -> LayerState:
         """The decoding state before any token, for q [B, H, *, D] and k, v [B, Hkv, *, D]."""
         if self.spec.score:
-            attn = ops.empty_group_state(q, k, v, self.feature_map, self.group_size)
+            attn = ops.empty_group_state(q, k, v, self.feature_map, self.group_size, self.spec.sinks)
         else:
             attn = ops.empty_linear_state(self.feature_map(q[:, :, :0].float()), v, self.spec.normalize)
         conv = None if self.conv is None else ops.empty_conv_tail(v, self.conv.shape[-1])

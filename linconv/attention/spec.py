@@ -49,6 +49,7 @@ class AttentionSpec(Form):
     conv_taps: int  # K: DWConv taps on V, the current token and K−1 earlier ones (0: no conv)
     conv_mask: bool  # False: the conv also reads K−1 later tokens (the paper's ablation)
     group_size: int
+    sinks: int  # first tokens of the sequence every later group also scores locally (attention sinks; 0: none)
     chunk_size: int
     seed: int  # this layer's seed: performer's and Linformer's random projections
     linformer_rank: int

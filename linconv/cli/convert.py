@@ -30,6 +30,12 @@ def convert_command(
     recipe: Annotated[str, typer.Option(help=recipe_help())] = DEFAULT_RECIPE,
     attention: Annotated[str | None, typer.Option("--attention", "-a", help=VARIANT_HELP + " (default: the recipe's).")] = None,
     group_size: Annotated[int | None, typer.Option(help="Tokens per group of the local/global split (default: the recipe's).")] = None,
+    sinks: Annotated[
+        int | None,
+        typer.Option(
+            help="First tokens that every later group also attends in its local score (attention sinks; default: a whole group, 0: none)."
+        ),
+    ] = None,
     conv_kernel: Annotated[
         int | None, typer.Option(help="Causal DWConv taps on V (0 disables; default: the variant's, 32 for the augmented ones).")
     ] = None,
@@ -54,6 +60,7 @@ def convert_command(
     cfg = get_recipe(recipe).linearize_config(  # None: not given, the recipe's (or the default) value
         attention=attention,
         group_size=group_size,
+        sinks=sinks,
         conv_kernel=conv_kernel,
         softmax_every=softmax_every,
         conv_mask=False if unmasked_conv else None,

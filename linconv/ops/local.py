@@ -12,6 +12,12 @@ to every token of earlier groups through the linear state:
 at group boundaries; decoding keeps it plus the keys/values of the current, unfinished group.
 Without φ (``phi=None``) there is no global part: plain block-local attention.
 
+Attention sinks (``sinks`` = s > 0): the first s tokens of the sequence stay visible to the local
+score of every later group, as StreamingLLM keeps them beside its window, and leave the global sums
+(they are counted once, locally). A group's first token then sees the sequence's start, as it does in
+the original model, instead of only itself. Decoding keeps their keys/values once the first group
+is finished (``sinks_on``).
+
 Scores are registered by name in ``SCORES`` and take raw logits ``l = q·k`` (the caller scales or
 normalises q, k). Softmax is stabilised by the row maximum m of its local logits, with the global
 term scaled by exp(−m) too, which is exact.
@@ -44,10 +50,13 @@ class GroupState(NamedTuple):
     (in place) when the group completes; the sequence forms return a new state of the same shapes.
     """
 
-    S: Tensor  # [B, H, F, Dv] fp32: Σ φ(k) vᵀ over finished groups (F = feature dim; 0 without φ)
-    z: Tensor  # [B, H, F] fp32: Σ φ(k) over finished groups
+    S: Tensor  # [B, H, F, Dv] fp32: Σ φ(k) vᵀ over finished groups but the sinks (F = feature dim; 0 without φ)
+    z: Tensor  # [B, H, F] fp32: Σ φ(k) over the same tokens
     k_buf: Tensor  # [B, Hkv, G, Dk] fp32: slots < fill hold the keys of the current group
     v_buf: Tensor  # [B, Hkv, G, Dv] fp32: its values
+    k_sink: Tensor  # [B, Hkv, s, Dk] fp32: the keys of the first s tokens, once the first group is finished
+    v_sink: Tensor  # [B, Hkv, s, Dv] fp32: their values
+    sinks_on: Tensor  # [] bool: the first group is finished (until then the sinks are in the buffer)
     fill: int = 0  # tokens of the current group, 0 <= fill < G
 
     def keys(self) -> Tensor:
@@ -58,12 +67,30 @@ class GroupState(NamedTuple):
         return self.v_buf[:, :, : self.fill]
 
 
-def empty_group_state(q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, group_size: int) -> GroupState:
+def empty_group_state(q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, group_size: int, sinks: int = 0) -> GroupState:
     """The state before any token, for q [B, H, *, Dk], k [B, Hkv, *, Dk] and v [B, Hkv, *, Dv]."""
     B, H, Hkv, Dk, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     F = phi(q[:, :, :0].float()).shape[-1] if phi is not None else 0
     zeros = lambda *s: q.new_zeros(*s, dtype=torch.float32)
-    return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, Hkv, group_size, Dk), zeros(B, Hkv, group_size, Dv))
+    buffers = zeros(B, Hkv, group_size, Dk), zeros(B, Hkv, group_size, Dv), zeros(B, Hkv, sinks, Dk), zeros(B, Hkv, sinks, Dv)
+    return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), *buffers, q.new_zeros((), dtype=torch.bool))
+
+
+def _global_weight(state: GroupState, positions: int) -> Tensor | None:
+    """[positions] fp32: 1 for each buffered-and-new position that joins the global sums, 0 for the
+    sinks (only while the first group is being read: the buffer then starts at the first token).
+    None without sinks: every position joins."""
+    if not state.k_sink.shape[2]:
+        return None
+    return ((torch.arange(positions, device=state.sinks_on.device) >= state.k_sink.shape[2]) | state.sinks_on).float()
+
+
+def _sink_kv(state: GroupState, k_all: Tensor, v_all: Tensor) -> tuple[Tensor, Tensor]:
+    """The sinks' keys/values [B, Hkv, s, D]: held by the state, or else the first s of ``k_all``,
+    ``v_all`` (the buffer followed by a segment, which then start at the first token)."""
+    s = state.k_sink.shape[2]
+    first = lambda x: torch.nn.functional.pad(x[:, :, :s], (0, 0, 0, max(0, s - x.shape[2])))
+    return torch.where(state.sinks_on, state.k_sink, first(k_all)), torch.where(state.sinks_on, state.v_sink, first(v_all))
 
 
 def _buffered(k: Tensor, v: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
@@ -113,10 +140,21 @@ def global_scale(alpha: Tensor | float, m: Tensor | None) -> Tensor | float:
     return alpha if m is None else alpha * torch.exp(-m)
 
 
-def _group_sums(k: Tensor, v: Tensor, heads: int, phi: FeatureMap) -> tuple[Tensor, Tensor]:
-    """Σ φ(k) vᵀ [B, H, F, Dv] and Σ φ(k) [B, H, F] over finished groups' keys/values [B, Hkv, L, D]."""
+def _group_sums(k: Tensor, v: Tensor, heads: int, phi: FeatureMap, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Σ w φ(k) vᵀ [B, H, F, Dv] and Σ w φ(k) [B, H, F] over finished groups' keys/values [B, Hkv, L, D]
+    with the per-position weights w [L] of :func:`_global_weight` (None: all 1)."""
     kf = phi(repeat_heads(k, heads))
+    kf = kf if weight is None else kf * weight.unsqueeze(-1)
     return kf.transpose(-1, -2) @ repeat_heads(v, heads), kf.sum(2)
+
+
+def _after(state: GroupState, S: Tensor, z: Tensor, k_all: Tensor, v_all: Tensor, done: int, group_size: int) -> GroupState:
+    """The state whose finished groups are summed in S, z and whose buffer holds ``k_all``, ``v_all``
+    [B, Hkv, L, D] from position ``done`` on; the sinks are held from the first finished group on."""
+    sinks = (state.k_sink, state.v_sink, state.sinks_on)
+    if done and state.k_sink.shape[2]:
+        sinks = (*_sink_kv(state, k_all, v_all), torch.ones_like(state.sinks_on))
+    return GroupState(S, z, *_buffered(k_all[:, :, done:], v_all[:, :, done:], group_size), *sinks, k_all.shape[2] - done)
 
 
 def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi: FeatureMap | None) -> GroupState:
@@ -126,9 +164,9 @@ def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi:
     done = k_all.shape[2] // group_size * group_size
     S, z = state.S, state.z
     if done and phi is not None:
-        kv, kz = _group_sums(k_all[:, :, :done], v_all[:, :, :done], S.shape[1], phi)
+        kv, kz = _group_sums(k_all[:, :, :done], v_all[:, :, :done], S.shape[1], phi, _global_weight(state, done))
         S, z = S + kv, z + kz
-    return GroupState(S, z, *_buffered(k_all[:, :, done:], v_all[:, :, done:], group_size), k_all.shape[2] - done)
+    return _after(state, S, z, k_all, v_all, done, group_size)
 
 
 def grouped_attention(
@@ -141,16 +179,18 @@ def grouped_attention(
     score: str,
     phi: FeatureMap | None = None,
     alpha: Tensor | float = 1.0,
+    sinks: int = 0,
 ) -> tuple[Tensor, GroupState]:
     """Grouped attention over a segment that continues ``state``; also the decoding step (T = 1).
 
     q [B, H, T, Dk]; k [B, Hkv, T, Dk], v [B, Hkv, T, Dv] with H a multiple of Hkv (grouped-query
     heads). The buffered keys/values of the unfinished group are prepended so groups stay aligned
     to the absolute position. Returns the output [B, H, T, Dv] in ``v``'s dtype and the new state
-    (T = 1: the given state, updated in place; see :func:`grouped_step`).
+    (T = 1: the given state, updated in place; see :func:`grouped_step`). ``sinks`` is read only
+    when ``state`` is None; a state knows its own.
     """
     if state is None:
-        state = empty_group_state(q, k, v, phi, group_size)
+        state = empty_group_state(q, k, v, phi, group_size, sinks)
     if q.shape[2] == 1:
         return grouped_step(q, k, v, state, group_size=group_size, score=score, phi=phi, alpha=alpha)
     B, H, T, Dk = q.shape
@@ -169,13 +209,23 @@ def grouped_attention(
     )
 
     causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
-    w, m = local_weights(qg @ kg.transpose(-1, -2), causal, score)  # [B, H, n, G, G], [B, H, n, G, 1]
-    num = w @ vg
+    s = state.k_sink.shape[2]
+    if s:  # every group but the first sees the sinks: s more columns in front of each group's keys
+        ks, vs = (repeat_heads(x, H).unsqueeze(2) for x in _sink_kv(state, k_all, v_all))  # [B, H, 1, s, D]
+        seen = (state.sinks_on | (torch.arange(n, device=q.device) > 0)).view(n, 1, 1).expand(n, G, s)
+        logits = torch.cat([qg @ ks.transpose(-1, -2), qg @ kg.transpose(-1, -2)], -1)  # [B, H, n, G, s+G]
+        w, m = local_weights(logits, torch.cat([seen, causal.expand(n, G, G)], -1), score)
+        num = w[..., :s] @ vs + w[..., s:] @ vg
+    else:
+        w, m = local_weights(qg @ kg.transpose(-1, -2), causal, score)  # [B, H, n, G, G], [B, H, n, G, 1]
+        num = w @ vg
     den = w.sum(-1, keepdim=True)
     done = L // G  # groups finished by the end of this segment
     S, z = state.S, state.z
     if phi is not None:
         qf, kf = phi(qg), phi(kg)  # [B, H, n, G, F]
+        weight = _global_weight(state, n * G)
+        kf = kf if weight is None else kf * weight.view(n, G, 1)
         kv = kf.transpose(-1, -2) @ vg  # [B, H, n, F, Dv]
         kz = kf.sum(3)  # [B, H, n, F]
         S_before = S.unsqueeze(2) + exclusive_cumsum(kv)
@@ -185,8 +235,7 @@ def grouped_attention(
         den = den + scale * (qf * z_before.unsqueeze(3)).sum(-1, keepdim=True)
         S, z = S + kv[:, :, :done].sum(2), z + kz[:, :, :done].sum(2)
     out = (num / (den + EPS)).reshape(B, H, n * G, Dv)[:, :, b:L]
-    new_state = GroupState(S, z, *_buffered(k_all[:, :, done * G :], v_all[:, :, done * G :], G), L - done * G)
-    return out.to(v.dtype), new_state
+    return out.to(v.dtype), _after(state, S, z, k_all, v_all, done * G, G)
 
 
 def grouped_step(
@@ -209,13 +258,17 @@ def grouped_step(
     head: nothing is repeated.
     """
     B, H, _, Dk = q.shape
-    Hkv, Dv, n = k.shape[1], v.shape[-1], state.fill
+    Hkv, Dv, n, s = k.shape[1], v.shape[-1], state.fill, state.k_sink.shape[2]
     slot = torch.full((1,), n, dtype=torch.long, device=q.device)  # (a tensor index: torch.compile keeps n symbolic)
     state.k_buf.index_copy_(2, slot, k.float())
     state.v_buf.index_copy_(2, slot, v.float())
     q32 = q.float()
     keys, values = state.k_buf[:, :, : n + 1], state.v_buf[:, :, : n + 1]  # this group's so far
-    w, m = local_weights(q32.view(B, Hkv, H // Hkv, Dk) @ keys.transpose(-1, -2), None, score)  # [B, Hkv, rep, n+1]
+    mask = None
+    if s:  # the sinks in front, seen once the first group is finished
+        keys, values = torch.cat([state.k_sink, keys], 2), torch.cat([state.v_sink, values], 2)
+        mask = torch.cat([state.sinks_on.expand(s), slot.new_ones(n + 1, dtype=torch.bool)])
+    w, m = local_weights(q32.view(B, Hkv, H // Hkv, Dk) @ keys.transpose(-1, -2), mask, score)  # [B, Hkv, rep, s+n+1]
     num = (w @ values).view(B, H, 1, Dv)
     den = w.sum(-1).view(B, H, 1, 1)
     if phi is not None:
@@ -223,14 +276,20 @@ def grouped_step(
         scale = global_scale(alpha, None if m is None else m.view(B, H, 1, 1))
         num = num + scale * (qf @ state.S)
         den = den + scale * (qf @ state.z.unsqueeze(-1))
+    weight = None if phi is None else _global_weight(state, group_size)
     if phi is not None and torch.compiler.is_compiling():  # one graph for every position: the fold is a branch in it
-        fold = lambda k_buf, v_buf: _group_sums(k_buf, v_buf, H, phi)
+        fold = lambda k_buf, v_buf: _group_sums(k_buf, v_buf, H, phi, weight)
         keep = lambda k_buf, v_buf: (state.S.new_zeros(state.S.shape), state.z.new_zeros(state.z.shape))
         kv, kz = torch.cond(n + 1 == group_size, fold, keep, (state.k_buf, state.v_buf))
         state.S.add_(kv)
         state.z.add_(kz)
     elif phi is not None and n + 1 == group_size:  # the group is complete: S, z absorb it
-        kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi)
+        kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi, weight)
         state.S.add_(kv)
         state.z.add_(kz)
+    if s:  # the first group complete: hold its first s tokens as the sinks
+        first = (slot[0] == group_size - 1) & ~state.sinks_on
+        state.k_sink.copy_(torch.where(first, state.k_buf[:, :, :s], state.k_sink))
+        state.v_sink.copy_(torch.where(first, state.v_buf[:, :, :s], state.v_sink))
+        state.sinks_on.logical_or_(first)
     return (num / (den + EPS)).to(v.dtype), state._replace(fill=(n + 1) % group_size)

@@ -73,25 +73,35 @@ def grouped_loop(
     phi: FeatureMap | None,
     alpha: float | Tensor = 1.0,
 ) -> tuple[Tensor, GroupState]:
-    """Per query: local keys of its group (buffer included), global keys of earlier groups.
+    """Per query: local keys of its group (buffer included) and the sinks, global keys of earlier groups.
 
-    k, v and the state's buffers may have fewer heads than q (grouped-query attention)."""
+    k, v and the state's buffers may have fewer heads than q (grouped-query attention). The sinks
+    are the first s tokens: held by the state once the first group is finished; before that the
+    buffer starts at the first token and they are its first s keys, which never join S, z."""
     G = group_size
     B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
+    s, held = state.k_sink.shape[2], bool(state.sinks_on)
     own_keys = torch.cat([state.k_buf[:, :, : state.fill], k.float()], 2)  # [B, Hkv, L, Dk]
     own_vals = torch.cat([state.v_buf[:, :, : state.fill], v.float()], 2)
     keys, vals = own_keys[:, kv_heads(H, Hkv)], own_vals[:, kv_heads(H, Hkv)]
+    sink_keys = state.k_sink[:, kv_heads(H, Hkv)] if held else keys[:, :, :s]
+    sink_vals = state.v_sink[:, kv_heads(H, Hkv)] if held else vals[:, :, :s]
+    first = 0 if held else s  # buffered positions before this one are sinks, not global keys
     b = state.fill
     outs = []
     for t in range(q.shape[2]):
         p = b + t  # position relative to the start of the buffered group
         start = p // G * G
         qt = q[:, :, t : t + 1].float()
-        w, m = score_weights(qt @ keys[:, :, start : p + 1].transpose(-1, -2), score)
-        num, den = w @ vals[:, :, start : p + 1], w.sum(-1, keepdim=True)
+        local_k, local_v = keys[:, :, start : p + 1], vals[:, :, start : p + 1]
+        if s and (held or start > 0):
+            local_k, local_v = torch.cat([sink_keys, local_k], 2), torch.cat([sink_vals, local_v], 2)
+        w, m = score_weights(qt @ local_k.transpose(-1, -2), score)
+        num, den = w @ local_v, w.sum(-1, keepdim=True)
         if phi is not None:
-            S = state.S + phi(keys[:, :, :start]).transpose(-1, -2) @ vals[:, :, :start]
-            z = state.z + phi(keys[:, :, :start]).sum(2)
+            gk, gv = keys[:, :, min(first, start) : start], vals[:, :, min(first, start) : start]
+            S = state.S + phi(gk).transpose(-1, -2) @ gv
+            z = state.z + phi(gk).sum(2)
             scale = alpha if m is None else alpha * torch.exp(-m)
             num = num + scale * (phi(qt) @ S)
             den = den + scale * (phi(qt) @ z.unsqueeze(-1))
@@ -100,12 +110,16 @@ def grouped_loop(
     done = L // G * G
     S, z = state.S, state.z
     if phi is not None and done:
-        S = S + phi(keys[:, :, :done]).transpose(-1, -2) @ vals[:, :, :done]
-        z = z + phi(keys[:, :, :done]).sum(2)
+        gk, gv = keys[:, :, min(first, done) : done], vals[:, :, min(first, done) : done]
+        S = S + phi(gk).transpose(-1, -2) @ gv
+        z = z + phi(gk).sum(2)
     k_buf = torch.zeros(B, Hkv, G, k.shape[-1])
     v_buf = torch.zeros(B, Hkv, G, v.shape[-1])
     k_buf[:, :, : L - done], v_buf[:, :, : L - done] = own_keys[:, :, done:], own_vals[:, :, done:]
-    return torch.stack(outs, 2), GroupState(S, z, k_buf, v_buf, L - done)
+    sinks = (state.k_sink, state.v_sink, state.sinks_on)
+    if s and done and not held:
+        sinks = (own_keys[:, :, :s], own_vals[:, :, :s], torch.tensor(True))
+    return torch.stack(outs, 2), GroupState(S, z, k_buf, v_buf, *sinks, L - done)
 
 
 def conv_loop(v: Tensor, weight: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:

@@ -68,12 +68,13 @@ def grouped_tree(
 ) -> Tensor:
     """Grouped attention over a tree, exact when paths cross a group boundary.
 
-    Keys are the buffered keys of the current group followed by the tree nodes. A visible key
-    (buffer, or an ancestor-or-self) in the query node's group is scored locally; one in an earlier
-    group joins the global linear part on top of the state. Returns [B, H, N, Dv] in v's dtype.
+    Keys are the held sinks, the buffered keys of the current group and the tree nodes. A visible
+    key (a held sink once the first group is finished, the buffer, or an ancestor-or-self) in the
+    query node's group or among the sinks is scored locally; one in an earlier group joins the
+    global linear part on top of the state. Returns [B, H, N, Dv] in v's dtype.
     """
     G = group_size
-    b = state.fill
+    b, s = state.fill, state.k_sink.shape[2]
     H, N = q.shape[1], q.shape[2]
     dev = q.device
     depth = torch.tensor(tree_depths(parents), device=dev)
@@ -81,20 +82,29 @@ def grouped_tree(
     key_group = torch.cat([torch.zeros(b, dtype=torch.long, device=dev), node_group])
     visible = torch.cat([torch.ones(N, b, dtype=torch.bool, device=dev), ancestor_mask(parents, dev)], 1)
     same = key_group.unsqueeze(0) == node_group.unsqueeze(1)  # [N, b+N]
-    local_mask, global_mask = visible & same, visible & ~same
+    # before the first group is finished the buffer starts at the first token: its first s are the sinks
+    position = torch.cat([torch.arange(b, device=dev), b + depth - 1])
+    sink = (position < s) & ~state.sinks_on
+    local_mask, global_mask = visible & (same | sink), visible & ~same & ~sink
+    held = state.sinks_on.expand(N, s)  # the held sinks' columns
+    local_mask = torch.cat([held, local_mask], 1)
+    global_mask = torch.cat([torch.zeros_like(held), global_mask], 1)
 
     qf32 = q.float()
-    keys = repeat_heads(torch.cat([state.keys(), k.float()], 2), H)
-    vals = repeat_heads(torch.cat([state.values(), v.float()], 2), H)
+    keys = repeat_heads(torch.cat([state.k_sink, state.keys(), k.float()], 2), H)
+    vals = repeat_heads(torch.cat([state.v_sink, state.values(), v.float()], 2), H)
     w, m = local_weights(qf32 @ keys.transpose(-1, -2), local_mask, score)
     num = w @ vals
     den = w.sum(-1, keepdim=True)
     if phi is not None:
-        qphi, kphi = phi(qf32), phi(keys)
-        g = (qphi @ kphi.transpose(-1, -2)).masked_fill(~global_mask, 0.0)
+        qphi = phi(qf32)
         scale = global_scale(alpha, m)
-        num = num + scale * (g @ vals + qphi @ state.S)
-        den = den + scale * (g.sum(-1, keepdim=True) + (qphi * state.z.unsqueeze(2)).sum(-1, keepdim=True))
+        num = num + scale * (qphi @ state.S)
+        den = den + scale * (qphi * state.z.unsqueeze(2)).sum(-1, keepdim=True)
+        if b + max(tree_depths(parents)) > G:  # a path crosses into the next group: the keys before it turn global
+            g = (qphi @ phi(keys).transpose(-1, -2)).masked_fill(~global_mask, 0.0)  # (φ of every key: the costly part)
+            num = num + scale * (g @ vals)
+            den = den + scale * g.sum(-1, keepdim=True)
     return (num / (den + EPS)).to(v.dtype)
 
 

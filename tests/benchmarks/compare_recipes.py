@@ -51,6 +51,12 @@ RUNS: dict[str, tuple[str, dict, dict]] = {
     "mix/plays": ("½ CE + ½ KL, plays", {}, {"loss": "mix"}),
     "ce/selfgen": ("next-token loss, plays + own text", {}, {"loss": "ce", "text_mix": "selfgen"}),
     "mix/selfgen": ("½ CE + ½ KL, plays + own text", {}, {"loss": "mix", "text_mix": "selfgen"}),
+    "ce/plays/sinks4": ("next-token loss, plays; 4 attention sinks", {"sinks": 4}, {"loss": "ce"}),
+    "ce/plays/sinks16": ("next-token loss, plays; 16 attention sinks", {"sinks": 16}, {"loss": "ce"}),
+    "ce/plays/sinks64": ("next-token loss, plays; 64 attention sinks", {"sinks": 64}, {"loss": "ce"}),
+    "ce/plays/sinks128": ("next-token loss, plays; 128 attention sinks", {"sinks": 128}, {"loss": "ce"}),
+    "ce/plays/sinks256": ("next-token loss, plays; 256 attention sinks (the whole first group)", {"sinks": 256}, {"loss": "ce"}),
+    "mix/plays/sinks256": ("½ CE + ½ KL, plays; 256 attention sinks", {"sinks": 256}, {"loss": "mix"}),
 }
 
 

@@ -44,7 +44,9 @@ def grads_close(got, want, tol=1e-4):
 def states_close(a, b, tol=1e-4):
     if isinstance(a, ops.GroupState):  # the buffers hold the current group in their first `fill` slots
         assert a.fill == b.fill and a.k_buf.shape == b.k_buf.shape
-        a, b = (a.S, a.z, a.keys(), a.values()), (b.S, b.z, b.keys(), b.values())
+        assert bool(a.sinks_on) == bool(b.sinks_on) and a.k_sink.shape == b.k_sink.shape
+        held = lambda x: (x.k_sink, x.v_sink) if x.sinks_on else ()  # before that the sink slots are unused
+        a, b = (a.S, a.z, a.keys(), a.values(), *held(a)), (b.S, b.z, b.keys(), b.values(), *held(b))
     for x, y in zip(a, b):
         assert (x is None) == (y is None)
         if x is not None:
@@ -96,11 +98,12 @@ def grouped_kwargs(score, phi_name, G=8):
 
 @pytest.mark.parametrize("score", ops.SCORES)
 @pytest.mark.parametrize("phi_name", list(PHIS))
-@pytest.mark.parametrize("T,prefix,kv_heads", [(1, 0, 3), (13, 0, 3), (16, 3, 1), (29, 11, 3), (5, 6, 1), (21, 7, 1)])
-def test_grouped_equals_loop_with_state(score, phi_name, T, prefix, kv_heads):
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("T,prefix,kv_heads", [(1, 0, 3), (13, 0, 3), (16, 3, 1), (29, 11, 3), (5, 6, 1), (21, 7, 1), (2, 1, 1)])
+def test_grouped_equals_loop_with_state(score, phi_name, sinks, T, prefix, kv_heads):
     kw = grouped_kwargs(score, phi_name)
     q, k, v = qkv(prefix + T, unit=score != "softmax", kv_heads=kv_heads)
-    s0 = ops.empty_group_state(q, k, v, kw["phi"], 8)
+    s0 = ops.empty_group_state(q, k, v, kw["phi"], 8, sinks)
     if prefix:
         _, s0 = ref.grouped_loop(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], s0, **kw)
     q2, k2, v2 = (x[:, :, prefix:] for x in (q, k, v))
@@ -119,15 +122,15 @@ def test_grouped_equals_loop_with_state(score, phi_name, T, prefix, kv_heads):
 
 
 @pytest.mark.parametrize("score", ops.SCORES)
-@pytest.mark.parametrize("kv_heads", [3, 1])
-def test_grouped_gradients_match_reference(score, kv_heads):
+@pytest.mark.parametrize("kv_heads,sinks", [(3, 0), (1, 0), (1, 2)])
+def test_grouped_gradients_match_reference(score, kv_heads, sinks):
     q, k, v = qkv(19, unit=True, kv_heads=kv_heads)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     alpha = torch.tensor(0.5, requires_grad=True)
     kw = dict(group_size=8, score=score, phi=PHIS["elu"], alpha=alpha)
-    out, _ = ops.grouped_attention(q, k, v, **kw)
+    out, _ = ops.grouped_attention(q, k, v, sinks=sinks, **kw)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v, alpha))
-    want, _ = ref.grouped_loop(q, k, v, ops.empty_group_state(q, k, v, kw["phi"], 8), **kw)
+    want, _ = ref.grouped_loop(q, k, v, ops.empty_group_state(q, k, v, kw["phi"], 8, sinks), **kw)
     grads_close(grads, torch.autograd.grad(want.square().sum(), (q, k, v, alpha)))
 
 
@@ -200,13 +203,17 @@ def test_linear_tree_equals_path_replay(parents, normalize):
 
 @pytest.mark.parametrize("parents", TREES)
 @pytest.mark.parametrize("score", ops.SCORES)
-@pytest.mark.parametrize("prefix,kv_heads", [(0, 3), (3, 1), (6, 3)])  # 6 of G=8 buffered: deeper paths cross the boundary
-def test_grouped_tree_equals_path_replay(parents, score, prefix, kv_heads):
+# 6 of G=8 buffered: deeper paths cross the boundary; first=0: the tree starts in the first group,
+# whose first 2 tokens (sinks=2) are sinks that paths crossing into the second group must still see
+@pytest.mark.parametrize(
+    "first,prefix,kv_heads,sinks", [(8, 0, 3, 0), (8, 3, 1, 0), (8, 6, 3, 0), (8, 6, 3, 2), (0, 6, 1, 2), (0, 1, 3, 2)]
+)
+def test_grouped_tree_equals_path_replay(parents, score, first, prefix, kv_heads, sinks):
     kw = grouped_kwargs(score, "elu")
     N = len(parents)
-    q, k, v = qkv(prefix + N + 8, unit=score != "softmax", kv_heads=kv_heads)
-    _, s0 = ops.grouped_attention(q[:, :, : 8 + prefix], k[:, :, : 8 + prefix], v[:, :, : 8 + prefix], **kw)
-    qt, kt, vt = (x[:, :, 8 + prefix :] for x in (q, k, v))
+    q, k, v = qkv(prefix + N + first, unit=score != "softmax", kv_heads=kv_heads)
+    _, s0 = ops.grouped_attention(q[:, :, : first + prefix], k[:, :, : first + prefix], v[:, :, : first + prefix], sinks=sinks, **kw)
+    qt, kt, vt = (x[:, :, first + prefix :] for x in (q, k, v))
     out = ops.grouped_tree(qt, kt, vt, parents, s0, **kw)
     want = ref.replay_tree(parents, lambda p: ref.grouped_loop(qt[:, :, p], kt[:, :, p], vt[:, :, p], s0, **kw)[0])
     close(out, want)
@@ -255,6 +262,7 @@ def test_ops_are_causal(t):
     runs = [
         lambda a, b, c: ops.linear_attention(F.relu(a), F.relu(b), c, chunk_size=8)[0],
         lambda a, b, c: ops.grouped_attention(a, b, c, group_size=8, score="relu2", phi=F.relu)[0],
+        lambda a, b, c: ops.grouped_attention(a, b, c, group_size=8, score="softmax", phi=F.relu, sinks=4)[0],
         lambda a, b, c: ops.causal_dwconv(c, rand(H, 6))[0],
     ]
     for run in runs:
@@ -270,3 +278,15 @@ def test_long_bf16_inputs_stay_finite():
     assert torch.isfinite(out).all() and torch.isfinite(st.S).all() and st.S.dtype == torch.float32
     out, _ = ops.causal_dwconv(v, rand(2, 32))
     assert torch.isfinite(out).all()
+
+
+def test_sinks_change_only_the_later_groups_and_never_join_the_global_sums():
+    q, k, v = qkv(20)
+    kw = dict(group_size=8, score="softmax", phi=F.relu)
+    plain, plain_state = ops.grouped_attention(q, k, v, **kw)
+    sunk, sunk_state = ops.grouped_attention(q, k, v, sinks=3, **kw)
+    close(sunk[:, :, :8], plain[:, :, :8], tol=1e-6)
+    assert (sunk[:, :, 8:] - plain[:, :, 8:]).abs().amax(-1).min() > 1e-5  # every later query reads them
+    close(sunk_state.k_sink, k[:, :, :3])
+    drop = F.relu(k[:, :, :3]).transpose(-1, -2) @ v[:, :, :3]  # the sinks' share of S without sinks
+    close(sunk_state.S, plain_state.S - drop)
