@@ -114,8 +114,16 @@ def state_contents(cache) -> list[torch.Tensor]:
     for state in cache.states:
         attn = state.attn
         if isinstance(attn, GroupState):
-            out += [attn.S, attn.z, attn.keys(), attn.values(), torch.tensor(attn.fill), attn.sinks_on]
-            out += [attn.k_sink, attn.v_sink] if attn.sinks_on else []
+            out += [
+                attn.S,
+                attn.z,
+                attn.keys(),
+                attn.values(),
+                torch.tensor(attn.fill),
+                attn.sinks_on,
+                attn.sink_keys(),
+                attn.sink_values(),
+            ]
         elif attn is not None:
             out += [t for t in attn if t is not None]
         if state.conv is not None:

@@ -44,27 +44,42 @@ YOSO_TAU = 8.0
 class GroupState(NamedTuple):
     """The decoding state of grouped attention, a fixed size from the first token to the last.
 
-    The buffer has room for a whole group at the key/value head count (grouped-query heads are
-    repeated only where they are used); ``fill`` says how many of its slots hold the current group.
-    A decoding step writes its key/value into slot ``fill`` in place and folds the buffer into S, z
-    (in place) when the group completes; the sequence forms return a new state of the same shapes.
+    The buffer has room for the s sinks and a whole group at the key/value head count (grouped-query
+    heads are repeated only where they are used). Until the first group is finished it holds that
+    group from slot 0 on, so the first s tokens land in slots < s and stay there; after it, the
+    current group sits from slot s on. ``fill`` says how many tokens the current group has. A decoding
+    step writes its key/value into its slot in place and folds the group into S, z (in place) when
+    it completes; the sequence forms return a new state of the same shapes.
     """
 
     S: Tensor  # [B, H, F, Dv] fp32: Σ φ(k) vᵀ over finished groups but the sinks (F = feature dim; 0 without φ)
     z: Tensor  # [B, H, F] fp32: Σ φ(k) over the same tokens
-    k_buf: Tensor  # [B, Hkv, G, Dk] fp32: slots < fill hold the keys of the current group
-    v_buf: Tensor  # [B, Hkv, G, Dv] fp32: its values
-    k_sink: Tensor  # [B, Hkv, s, Dk] fp32: the keys of the first s tokens, once the first group is finished
-    v_sink: Tensor  # [B, Hkv, s, Dv] fp32: their values
-    sinks_on: Tensor  # [] bool: the first group is finished (until then the sinks are in the buffer)
+    k_buf: Tensor  # [B, Hkv, s+G, Dk] fp32: the sinks' keys (once held) and the current group's
+    v_buf: Tensor  # [B, Hkv, s+G, Dv] fp32: their values
+    sinks_on: Tensor  # [] bool: the first group is finished, so slots < s hold the sinks
     fill: int = 0  # tokens of the current group, 0 <= fill < G
+    sinks: int = 0  # s: the first tokens of the sequence that every later group scores locally
+
+    @property
+    def held(self) -> bool:
+        """Whether the sinks are held apart from the current group (reads the flag: not for compiled code)."""
+        return bool(self.sinks) and bool(self.sinks_on)
 
     def keys(self) -> Tensor:
         """The current group's keys [B, Hkv, fill, Dk] (a view)."""
-        return self.k_buf[:, :, : self.fill]
+        start = self.sinks if self.held else 0
+        return self.k_buf[:, :, start : start + self.fill]
 
     def values(self) -> Tensor:
-        return self.v_buf[:, :, : self.fill]
+        start = self.sinks if self.held else 0
+        return self.v_buf[:, :, start : start + self.fill]
+
+    def sink_keys(self) -> Tensor:
+        """The held sinks' keys [B, Hkv, s, Dk] (none before the first group is finished)."""
+        return self.k_buf[:, :, : self.sinks if self.held else 0]
+
+    def sink_values(self) -> Tensor:
+        return self.v_buf[:, :, : self.sinks if self.held else 0]
 
 
 def empty_group_state(q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, group_size: int, sinks: int = 0) -> GroupState:
@@ -72,31 +87,43 @@ def empty_group_state(q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, g
     B, H, Hkv, Dk, Dv = q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     F = phi(q[:, :, :0].float()).shape[-1] if phi is not None else 0
     zeros = lambda *s: q.new_zeros(*s, dtype=torch.float32)
-    buffers = zeros(B, Hkv, group_size, Dk), zeros(B, Hkv, group_size, Dv), zeros(B, Hkv, sinks, Dk), zeros(B, Hkv, sinks, Dv)
-    return GroupState(zeros(B, H, F, Dv), zeros(B, H, F), *buffers, q.new_zeros((), dtype=torch.bool))
+    L = sinks + group_size
+    return GroupState(
+        zeros(B, H, F, Dv), zeros(B, H, F), zeros(B, Hkv, L, Dk), zeros(B, Hkv, L, Dv), q.new_zeros((), dtype=torch.bool), 0, sinks
+    )
 
 
-def _global_weight(state: GroupState, positions: int) -> Tensor | None:
-    """[positions] fp32: 1 for each buffered-and-new position that joins the global sums, 0 for the
-    sinks (only while the first group is being read: the buffer then starts at the first token).
-    None without sinks: every position joins."""
-    if not state.k_sink.shape[2]:
+def _global_weight(sinks: int, positions: int, device, from_first_token: bool | Tensor) -> Tensor | None:
+    """[positions] fp32: 1 for each position that joins the global sums, 0 for the sinks among them,
+    which are the first s positions when ``from_first_token`` (they start at the sequence's first token).
+    None when all join."""
+    if not sinks or from_first_token is False:
         return None
-    return ((torch.arange(positions, device=state.sinks_on.device) >= state.k_sink.shape[2]) | state.sinks_on).float()
+    return ((torch.arange(positions, device=device) >= sinks) | ~torch.as_tensor(from_first_token, device=device)).float()
 
 
 def _sink_kv(state: GroupState, k_all: Tensor, v_all: Tensor) -> tuple[Tensor, Tensor]:
     """The sinks' keys/values [B, Hkv, s, D]: held by the state, or else the first s of ``k_all``,
     ``v_all`` (the buffer followed by a segment, which then start at the first token)."""
-    s = state.k_sink.shape[2]
-    first = lambda x: torch.nn.functional.pad(x[:, :, :s], (0, 0, 0, max(0, s - x.shape[2])))
-    return torch.where(state.sinks_on, state.k_sink, first(k_all)), torch.where(state.sinks_on, state.v_sink, first(v_all))
+    if state.held:
+        return state.sink_keys(), state.sink_values()
+    first = lambda x: torch.nn.functional.pad(x[:, :, : state.sinks], (0, 0, 0, max(0, state.sinks - x.shape[2])))
+    return first(k_all), first(v_all)
 
 
-def _buffered(k: Tensor, v: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
-    """Fresh whole-group buffers holding ``k``, ``v`` [B, Hkv, r < G, D] in their first r slots."""
-    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, group_size - x.shape[2]))
-    return pad(k), pad(v)
+def _after(state: GroupState, S: Tensor, z: Tensor, k_all: Tensor, v_all: Tensor, done: int, group_size: int) -> GroupState:
+    """The state whose finished groups are summed in S, z and whose buffer holds ``k_all``, ``v_all``
+    [B, Hkv, L, D] from position ``done`` on; the sinks are held from the first finished group on."""
+    s = state.sinks
+    held = state.held or bool(s and done)
+    pad = lambda x, n: torch.nn.functional.pad(x, (0, 0, 0, n - x.shape[2]))
+    k_rest, v_rest = k_all[:, :, done:], v_all[:, :, done:]
+    if held:
+        ks, vs = _sink_kv(state, k_all, v_all)
+        k_buf, v_buf = torch.cat([ks, pad(k_rest, group_size)], 2), torch.cat([vs, pad(v_rest, group_size)], 2)
+    else:
+        k_buf, v_buf = pad(k_rest, s + group_size), pad(v_rest, s + group_size)
+    return GroupState(S, z, k_buf, v_buf, torch.full_like(state.sinks_on, held), k_all.shape[2] - done, s)
 
 
 def softmax_score(logits: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -148,15 +175,6 @@ def _group_sums(k: Tensor, v: Tensor, heads: int, phi: FeatureMap, weight: Tenso
     return kf.transpose(-1, -2) @ repeat_heads(v, heads), kf.sum(2)
 
 
-def _after(state: GroupState, S: Tensor, z: Tensor, k_all: Tensor, v_all: Tensor, done: int, group_size: int) -> GroupState:
-    """The state whose finished groups are summed in S, z and whose buffer holds ``k_all``, ``v_all``
-    [B, Hkv, L, D] from position ``done`` on; the sinks are held from the first finished group on."""
-    sinks = (state.k_sink, state.v_sink, state.sinks_on)
-    if done and state.k_sink.shape[2]:
-        sinks = (*_sink_kv(state, k_all, v_all), torch.ones_like(state.sinks_on))
-    return GroupState(S, z, *_buffered(k_all[:, :, done:], v_all[:, :, done:], group_size), *sinks, k_all.shape[2] - done)
-
-
 def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi: FeatureMap | None) -> GroupState:
     """The state after also seeing ``k`` [B, Hkv, T, Dk], ``v`` [B, Hkv, T, Dv] (no outputs)."""
     k_all = torch.cat([state.keys(), k.float()], 2)
@@ -164,7 +182,8 @@ def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi:
     done = k_all.shape[2] // group_size * group_size
     S, z = state.S, state.z
     if done and phi is not None:
-        kv, kz = _group_sums(k_all[:, :, :done], v_all[:, :, :done], S.shape[1], phi, _global_weight(state, done))
+        weight = _global_weight(state.sinks, done, k.device, not state.held)
+        kv, kz = _group_sums(k_all[:, :, :done], v_all[:, :, :done], S.shape[1], phi, weight)
         S, z = S + kv, z + kz
     return _after(state, S, z, k_all, v_all, done, group_size)
 
@@ -209,10 +228,10 @@ def grouped_attention(
     )
 
     causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
-    s = state.k_sink.shape[2]
+    s = state.sinks
     if s:  # every group but the first sees the sinks: s more columns in front of each group's keys
         ks, vs = (repeat_heads(x, H).unsqueeze(2) for x in _sink_kv(state, k_all, v_all))  # [B, H, 1, s, D]
-        seen = (state.sinks_on | (torch.arange(n, device=q.device) > 0)).view(n, 1, 1).expand(n, G, s)
+        seen = ((torch.arange(n, device=q.device) > 0) | state.held).view(n, 1, 1).expand(n, G, s)
         logits = torch.cat([qg @ ks.transpose(-1, -2), qg @ kg.transpose(-1, -2)], -1)  # [B, H, n, G, s+G]
         w, m = local_weights(logits, torch.cat([seen, causal.expand(n, G, G)], -1), score)
         num = w[..., :s] @ vs + w[..., s:] @ vg
@@ -224,7 +243,7 @@ def grouped_attention(
     S, z = state.S, state.z
     if phi is not None:
         qf, kf = phi(qg), phi(kg)  # [B, H, n, G, F]
-        weight = _global_weight(state, n * G)
+        weight = _global_weight(s, n * G, q.device, not state.held)
         kf = kf if weight is None else kf * weight.view(n, G, 1)
         kv = kf.transpose(-1, -2) @ vg  # [B, H, n, F, Dv]
         kz = kf.sum(3)  # [B, H, n, F]
@@ -258,16 +277,17 @@ def grouped_step(
     head: nothing is repeated.
     """
     B, H, _, Dk = q.shape
-    Hkv, Dv, n, s = k.shape[1], v.shape[-1], state.fill, state.k_sink.shape[2]
+    Hkv, Dv, n, s = k.shape[1], v.shape[-1], state.fill, state.sinks
     slot = torch.full((1,), n, dtype=torch.long, device=q.device)  # (a tensor index: torch.compile keeps n symbolic)
+    mask = None
+    if s:  # the sinks in slots < s, seen once the first group is finished; until then that group starts at slot 0
+        last = slot == group_size - 1
+        slot = slot + s * state.sinks_on.long()
+        mask = torch.arange(s + n + 1, device=q.device) <= slot  # the sinks (once held) and the group so far
     state.k_buf.index_copy_(2, slot, k.float())
     state.v_buf.index_copy_(2, slot, v.float())
     q32 = q.float()
-    keys, values = state.k_buf[:, :, : n + 1], state.v_buf[:, :, : n + 1]  # this group's so far
-    mask = None
-    if s:  # the sinks in front, seen once the first group is finished
-        keys, values = torch.cat([state.k_sink, keys], 2), torch.cat([state.v_sink, values], 2)
-        mask = torch.cat([state.sinks_on.expand(s), slot.new_ones(n + 1, dtype=torch.bool)])
+    keys, values = state.k_buf[:, :, : s + n + 1], state.v_buf[:, :, : s + n + 1]  # views: nothing is copied
     w, m = local_weights(q32.view(B, Hkv, H // Hkv, Dk) @ keys.transpose(-1, -2), mask, score)  # [B, Hkv, rep, s+n+1]
     num = (w @ values).view(B, H, 1, Dv)
     den = w.sum(-1).view(B, H, 1, 1)
@@ -276,7 +296,10 @@ def grouped_step(
         scale = global_scale(alpha, None if m is None else m.view(B, H, 1, 1))
         num = num + scale * (qf @ state.S)
         den = den + scale * (qf @ state.z.unsqueeze(-1))
-    weight = None if phi is None else _global_weight(state, group_size)
+    weight = None  # a finished group joins S, z: the first group but its sinks (slots < s), a later one from slot s on
+    if phi is not None and s:
+        slots = torch.arange(s + group_size, device=q.device)
+        weight = ((slots >= s) & (state.sinks_on | (slots < group_size))).float()
     if phi is not None and torch.compiler.is_compiling():  # one graph for every position: the fold is a branch in it
         fold = lambda k_buf, v_buf: _group_sums(k_buf, v_buf, H, phi, weight)
         keep = lambda k_buf, v_buf: (state.S.new_zeros(state.S.shape), state.z.new_zeros(state.z.shape))
@@ -287,9 +310,6 @@ def grouped_step(
         kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi, weight)
         state.S.add_(kv)
         state.z.add_(kz)
-    if s:  # the first group complete: hold its first s tokens as the sinks
-        first = (slot[0] == group_size - 1) & ~state.sinks_on
-        state.k_sink.copy_(torch.where(first, state.k_buf[:, :, :s], state.k_sink))
-        state.v_sink.copy_(torch.where(first, state.v_buf[:, :, :s], state.v_sink))
-        state.sinks_on.logical_or_(first)
+    if s:  # a finished first group leaves its first s tokens in slots < s: the sinks are held from now on
+        state.sinks_on.logical_or_(last[0])
     return (num / (den + EPS)).to(v.dtype), state._replace(fill=(n + 1) % group_size)

@@ -80,12 +80,12 @@ def grouped_loop(
     buffer starts at the first token and they are its first s keys, which never join S, z."""
     G = group_size
     B, H, Hkv = q.shape[0], q.shape[1], k.shape[1]
-    s, held = state.k_sink.shape[2], bool(state.sinks_on)
-    own_keys = torch.cat([state.k_buf[:, :, : state.fill], k.float()], 2)  # [B, Hkv, L, Dk]
-    own_vals = torch.cat([state.v_buf[:, :, : state.fill], v.float()], 2)
+    s, held = state.sinks, state.held
+    own_keys = torch.cat([state.keys(), k.float()], 2)  # [B, Hkv, L, Dk]
+    own_vals = torch.cat([state.values(), v.float()], 2)
     keys, vals = own_keys[:, kv_heads(H, Hkv)], own_vals[:, kv_heads(H, Hkv)]
-    sink_keys = state.k_sink[:, kv_heads(H, Hkv)] if held else keys[:, :, :s]
-    sink_vals = state.v_sink[:, kv_heads(H, Hkv)] if held else vals[:, :, :s]
+    sink_keys = state.sink_keys()[:, kv_heads(H, Hkv)] if held else keys[:, :, :s]
+    sink_vals = state.sink_values()[:, kv_heads(H, Hkv)] if held else vals[:, :, :s]
     first = 0 if held else s  # buffered positions before this one are sinks, not global keys
     b = state.fill
     outs = []
@@ -113,13 +113,15 @@ def grouped_loop(
         gk, gv = keys[:, :, min(first, done) : done], vals[:, :, min(first, done) : done]
         S = S + phi(gk).transpose(-1, -2) @ gv
         z = z + phi(gk).sum(2)
-    k_buf = torch.zeros(B, Hkv, G, k.shape[-1])
-    v_buf = torch.zeros(B, Hkv, G, v.shape[-1])
-    k_buf[:, :, : L - done], v_buf[:, :, : L - done] = own_keys[:, :, done:], own_vals[:, :, done:]
-    sinks = (state.k_sink, state.v_sink, state.sinks_on)
-    if s and done and not held:
-        sinks = (own_keys[:, :, :s], own_vals[:, :, :s], torch.tensor(True))
-    return torch.stack(outs, 2), GroupState(S, z, k_buf, v_buf, *sinks, L - done)
+    now_held = held or (s > 0 and done > 0)
+    k_buf = torch.zeros(B, Hkv, s + G, k.shape[-1])  # the sinks in slots < s once held, the group after them
+    v_buf = torch.zeros(B, Hkv, s + G, v.shape[-1])
+    at = s if now_held else 0
+    k_buf[:, :, at : at + L - done], v_buf[:, :, at : at + L - done] = own_keys[:, :, done:], own_vals[:, :, done:]
+    if now_held:
+        k_buf[:, :, :s] = state.sink_keys() if held else own_keys[:, :, :s]
+        v_buf[:, :, :s] = state.sink_values() if held else own_vals[:, :, :s]
+    return torch.stack(outs, 2), GroupState(S, z, k_buf, v_buf, torch.tensor(now_held), L - done, s)
 
 
 def conv_loop(v: Tensor, weight: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:

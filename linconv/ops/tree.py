@@ -74,25 +74,24 @@ def grouped_tree(
     global linear part on top of the state. Returns [B, H, N, Dv] in v's dtype.
     """
     G = group_size
-    b, s = state.fill, state.k_sink.shape[2]
+    b, s, held = state.fill, state.sinks, state.held
     H, N = q.shape[1], q.shape[2]
     dev = q.device
     depth = torch.tensor(tree_depths(parents), device=dev)
     node_group = (b + depth - 1) // G  # group of each node, relative to the current one
-    key_group = torch.cat([torch.zeros(b, dtype=torch.long, device=dev), node_group])
-    visible = torch.cat([torch.ones(N, b, dtype=torch.bool, device=dev), ancestor_mask(parents, dev)], 1)
-    same = key_group.unsqueeze(0) == node_group.unsqueeze(1)  # [N, b+N]
+    # columns: the held sinks (an earlier group, yet scored locally), the buffered group, the nodes
+    h = s if held else 0
+    key_group = torch.cat([torch.full((h,), -1, device=dev), torch.zeros(b, dtype=torch.long, device=dev), node_group])
+    visible = torch.cat([torch.ones(N, h + b, dtype=torch.bool, device=dev), ancestor_mask(parents, dev)], 1)
+    same = key_group.unsqueeze(0) == node_group.unsqueeze(1)  # [N, h+b+N]
     # before the first group is finished the buffer starts at the first token: its first s are the sinks
     position = torch.cat([torch.arange(b, device=dev), b + depth - 1])
-    sink = (position < s) & ~state.sinks_on
+    sink = torch.cat([torch.ones(h, dtype=torch.bool, device=dev), (position < s) & (not held)])
     local_mask, global_mask = visible & (same | sink), visible & ~same & ~sink
-    held = state.sinks_on.expand(N, s)  # the held sinks' columns
-    local_mask = torch.cat([held, local_mask], 1)
-    global_mask = torch.cat([torch.zeros_like(held), global_mask], 1)
 
     qf32 = q.float()
-    keys = repeat_heads(torch.cat([state.k_sink, state.keys(), k.float()], 2), H)
-    vals = repeat_heads(torch.cat([state.v_sink, state.values(), v.float()], 2), H)
+    keys = repeat_heads(torch.cat([state.sink_keys(), state.keys(), k.float()], 2), H)
+    vals = repeat_heads(torch.cat([state.sink_values(), state.values(), v.float()], 2), H)
     w, m = local_weights(qf32 @ keys.transpose(-1, -2), local_mask, score)
     num = w @ vals
     den = w.sum(-1, keepdim=True)

@@ -1,9 +1,10 @@
 """Fine-tuning recipes measured off-domain: losses × training text on three texts (run by hand;
 pytest ignores this folder). Issue 15's comparison; picks the default loss and text mix.
 
-Every run converts the default model (SmolLM2-135M-Instruct) with the default recipe, fine-tunes it
-with the *same* budget (``--transfer-steps`` + ``--lora-steps`` windows of ``--seq-len`` tokens) and one
-run's loss and training text, then measures perplexity (16K tokens, windows of 1,024) on:
+Every run converts the default model (SmolLM2-135M-Instruct) with the default recipe and the run's
+attention sinks, fine-tunes it with the *same* budget (``--transfer-steps`` + ``--lora-steps`` windows of
+``--seq-len`` tokens) and the run's loss and training text, then measures perplexity (16K tokens,
+windows of 1,024) on:
 
 - ``plays``: the held-out plays (the training domain of the built-in text);
 - ``britannica``: the built-in Britannica article (never trained on);
@@ -42,20 +43,18 @@ TEXTS = ("plays", "britannica", "third")
 EVAL_TOKENS = 16_384
 
 # name -> (what, LinearizeConfig options, FinetuneConfig options); "selfgen" in the text mix is
-# replaced by --selfgen-share.
+# replaced by --selfgen-share. The first rows are the recipe before attention sinks (``sinks`` 0); the
+# ``sinksN`` rows keep the first N tokens visible to every group (256: the whole first group, today's default).
+NO_SINKS = {"sinks": 0}
 RUNS: dict[str, tuple[str, dict, dict]] = {
-    "ce/plays": ("next-token loss, plays (the old default)", {}, {"loss": "ce"}),
-    "kl/plays": ("distil the original, plays", {}, {"loss": "kl"}),
-    "kl/selfgen": ("distil the original, plays + own text", {}, {"loss": "kl", "text_mix": "selfgen"}),
+    "ce/plays": ("next-token loss, plays (the default before sinks)", NO_SINKS, {"loss": "ce"}),
+    "kl/plays": ("distil the original, plays", NO_SINKS, {"loss": "kl"}),
+    "kl/selfgen": ("distil the original, plays + own text", NO_SINKS, {"loss": "kl", "text_mix": "selfgen"}),
     "original+lora": ("the original + the same LoRA budget (CE, plays)", {"softmax_every": 1}, {"loss": "ce", "transfer_steps": 0}),
-    "mix/plays": ("½ CE + ½ KL, plays", {}, {"loss": "mix"}),
-    "ce/selfgen": ("next-token loss, plays + own text", {}, {"loss": "ce", "text_mix": "selfgen"}),
-    "mix/selfgen": ("½ CE + ½ KL, plays + own text", {}, {"loss": "mix", "text_mix": "selfgen"}),
-    "ce/plays/sinks4": ("next-token loss, plays; 4 attention sinks", {"sinks": 4}, {"loss": "ce"}),
-    "ce/plays/sinks16": ("next-token loss, plays; 16 attention sinks", {"sinks": 16}, {"loss": "ce"}),
-    "ce/plays/sinks64": ("next-token loss, plays; 64 attention sinks", {"sinks": 64}, {"loss": "ce"}),
-    "ce/plays/sinks128": ("next-token loss, plays; 128 attention sinks", {"sinks": 128}, {"loss": "ce"}),
-    "ce/plays/sinks256": ("next-token loss, plays; 256 attention sinks (the whole first group)", {"sinks": 256}, {"loss": "ce"}),
+    "mix/plays": ("½ CE + ½ KL, plays", NO_SINKS, {"loss": "mix"}),
+    "ce/selfgen": ("next-token loss, plays + own text", NO_SINKS, {"loss": "ce", "text_mix": "selfgen"}),
+    "mix/selfgen": ("½ CE + ½ KL, plays + own text", NO_SINKS, {"loss": "mix", "text_mix": "selfgen"}),
+    **{f"ce/plays/sinks{n}": (f"next-token loss, plays; {n} attention sinks", {"sinks": n}, {"loss": "ce"}) for n in (4, 16, 64, 128, 256)},
     "mix/plays/sinks256": ("½ CE + ½ KL, plays; 256 attention sinks", {"sinks": 256}, {"loss": "mix"}),
 }
 

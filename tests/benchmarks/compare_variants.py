@@ -40,7 +40,7 @@ from records import pending, read_records, record_path, write_record
 from linconv.config import LinearizeConfig
 
 RUNS: dict[str, tuple[str, dict]] = {
-    name: (what, {"group_size": 64, **opts})  # the paper's group size unless a run says otherwise
+    name: (what, {"group_size": 64, "sinks": 0, **opts})  # the paper's group size unless a run says otherwise; no sinks
     for name, what, opts in [
         ("relu", "ReLU kernel (paper baseline)", dict(attention="relu")),
         ("elu", "ELU+1 kernel", dict(attention="elu")),
@@ -112,6 +112,7 @@ def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
         seq_len=args.seq_len,
         lr=args.lr,
         transfer_lr=args.transfer_lr,
+        loss="ce",  # the comparison's one setting (it predates the distilling default)
     )
     work = Path(tempfile.mkdtemp(prefix="linconv-compare-"))
     try:

@@ -44,9 +44,11 @@ def grads_close(got, want, tol=1e-4):
 def states_close(a, b, tol=1e-4):
     if isinstance(a, ops.GroupState):  # the buffers hold the current group in their first `fill` slots
         assert a.fill == b.fill and a.k_buf.shape == b.k_buf.shape
-        assert bool(a.sinks_on) == bool(b.sinks_on) and a.k_sink.shape == b.k_sink.shape
-        held = lambda x: (x.k_sink, x.v_sink) if x.sinks_on else ()  # before that the sink slots are unused
-        a, b = (a.S, a.z, a.keys(), a.values(), *held(a)), (b.S, b.z, b.keys(), b.values(), *held(b))
+        assert a.held == b.held and a.sinks == b.sinks
+        a, b = (
+            (a.S, a.z, a.keys(), a.values(), a.sink_keys(), a.sink_values()),
+            (b.S, b.z, b.keys(), b.values(), b.sink_keys(), b.sink_values()),
+        )
     for x, y in zip(a, b):
         assert (x is None) == (y is None)
         if x is not None:
@@ -287,6 +289,6 @@ def test_sinks_change_only_the_later_groups_and_never_join_the_global_sums():
     sunk, sunk_state = ops.grouped_attention(q, k, v, sinks=3, **kw)
     close(sunk[:, :, :8], plain[:, :, :8], tol=1e-6)
     assert (sunk[:, :, 8:] - plain[:, :, 8:]).abs().amax(-1).min() > 1e-5  # every later query reads them
-    close(sunk_state.k_sink, k[:, :, :3])
+    close(sunk_state.sink_keys(), k[:, :, :3])
     drop = F.relu(k[:, :, :3]).transpose(-1, -2) @ v[:, :, :3]  # the sinks' share of S without sinks
     close(sunk_state.S, plain_state.S - drop)
