@@ -90,7 +90,7 @@ def test_prefill_is_chunked_and_computes_last_logits_only():
 
 
 @pytest.mark.slow  # compiling takes minutes on a CPU
-@pytest.mark.parametrize("sinks,prompt_tokens", [(0, 7), (2, 3)])  # sinks: the compiled steps finish the first group
+@pytest.mark.parametrize("sinks,prompt_tokens", [(0, 7), (3, 3), (4, 3)])  # sinks: the compiled steps finish the first group
 @torch.inference_mode()
 def test_compiled_step_equals_eager_steps_one_forward_and_speculation(sinks, prompt_tokens):
     from conftest import state_contents

@@ -175,6 +175,13 @@ def _group_sums(k: Tensor, v: Tensor, heads: int, phi: FeatureMap, weight: Tenso
     return kf.transpose(-1, -2) @ repeat_heads(v, heads), kf.sum(2)
 
 
+def _fold_weight(k_buf: Tensor, sinks_on: Tensor, sinks: int | Tensor, group_size: int) -> Tensor:
+    """[s+G] fp32: the buffer slots of a finished group that join S, z: the first group but its sinks
+    (slots < s), a later group from slot s on."""
+    slots = torch.arange(k_buf.shape[2], device=k_buf.device)
+    return ((slots >= sinks) & (sinks_on | (slots < group_size))).float()
+
+
 def advance_group(state: GroupState, k: Tensor, v: Tensor, group_size: int, phi: FeatureMap | None) -> GroupState:
     """The state after also seeing ``k`` [B, Hkv, T, Dk], ``v`` [B, Hkv, T, Dv] (no outputs)."""
     k_all = torch.cat([state.keys(), k.float()], 2)
@@ -296,18 +303,16 @@ def grouped_step(
         scale = global_scale(alpha, None if m is None else m.view(B, H, 1, 1))
         num = num + scale * (qf @ state.S)
         den = den + scale * (qf @ state.z.unsqueeze(-1))
-    weight = None  # a finished group joins S, z: the first group but its sinks (slots < s), a later one from slot s on
-    if phi is not None and s:
-        slots = torch.arange(s + group_size, device=q.device)
-        weight = ((slots >= s) & (state.sinks_on | (slots < group_size))).float()
     if phi is not None and torch.compiler.is_compiling():  # one graph for every position: the fold is a branch in it
-        fold = lambda k_buf, v_buf: _group_sums(k_buf, v_buf, H, phi, weight)
-        keep = lambda k_buf, v_buf: (state.S.new_zeros(state.S.shape), state.z.new_zeros(state.z.shape))
-        kv, kz = torch.cond(n + 1 == group_size, fold, keep, (state.k_buf, state.v_buf))
+        # (the branch reads only its operands: the sink count goes in as a tensor, not as a size)
+        fold = lambda k_buf, v_buf, on, sinks: _group_sums(k_buf, v_buf, H, phi, _fold_weight(k_buf, on, sinks, group_size))
+        keep = lambda k_buf, v_buf, on, sinks: (state.S.new_zeros(state.S.shape), state.z.new_zeros(state.z.shape))
+        operands = (state.k_buf, state.v_buf, state.sinks_on, torch.full((), s, device=q.device))
+        kv, kz = torch.cond(n + 1 == group_size, fold, keep, operands)
         state.S.add_(kv)
         state.z.add_(kz)
     elif phi is not None and n + 1 == group_size:  # the group is complete: S, z absorb it
-        kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi, weight)
+        kv, kz = _group_sums(state.k_buf, state.v_buf, H, phi, _fold_weight(state.k_buf, state.sinks_on, s, group_size) if s else None)
         state.S.add_(kv)
         state.z.add_(kz)
     if s:  # a finished first group leaves its first s tokens in slots < s: the sinks are held from now on
