@@ -93,13 +93,13 @@ def empty_group_state(q: Tensor, k: Tensor, v: Tensor, phi: FeatureMap | None, g
     )
 
 
-def _global_weight(sinks: int, positions: int, device, from_first_token: bool | Tensor) -> Tensor | None:
+def _global_weight(sinks: int, positions: int, device, from_first_token: bool) -> Tensor | None:
     """[positions] fp32: 1 for each position that joins the global sums, 0 for the sinks among them,
     which are the first s positions when ``from_first_token`` (they start at the sequence's first token).
     None when all join."""
-    if not sinks or from_first_token is False:
+    if not sinks or not from_first_token:
         return None
-    return ((torch.arange(positions, device=device) >= sinks) | ~torch.as_tensor(from_first_token, device=device)).float()
+    return (torch.arange(positions, device=device) >= sinks).float()
 
 
 def _sink_kv(state: GroupState, k_all: Tensor, v_all: Tensor) -> tuple[Tensor, Tensor]:
