@@ -36,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from records import pending, read_records, record_path, write_record
+from records import read_records, run_pending
 
 LICENCES = ("GPL-3", "LGPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0")
 TEXTS = ("plays", "britannica", "third")
@@ -56,6 +56,7 @@ RUNS: dict[str, tuple[str, dict, dict]] = {
     "mix/selfgen": ("½ CE + ½ KL, plays + own text", NO_SINKS, {"loss": "mix", "text_mix": "selfgen"}),
     **{f"ce/plays/sinks{n}": (f"next-token loss, plays; {n} attention sinks", {"sinks": n}, {"loss": "ce"}) for n in (4, 16, 64, 128, 256)},
     "mix/plays/sinks256": ("½ CE + ½ KL, plays; 256 attention sinks", {"sinks": 256}, {"loss": "mix"}),
+    "mix/plays/g128": ("½ CE + ½ KL, plays; groups of 128, all 128 as sinks", {"group_size": 128, "sinks": 128}, {"loss": "mix"}),
 }
 
 
@@ -147,17 +148,14 @@ def main() -> None:
     base, tokenizer = load_source(None, ADAPTERS)
     texts = {"plays": load_text(None, "heldout"), "britannica": load_text(None, "britannica"), "third": third_text(args.third_text)}
     ids = {name: tokenize(tokenizer, text) for name, text in texts.items()}
-    todo = pending(args.out, args.only, RUNS)
-    orig = record_path(args.out, "original")
-    if not orig.exists():
-        rec = {"name": "original", "perplexity": perplexities(base, ids), "text_tokens": {n: len(t) for n, t in ids.items()}}
-        write_record(orig, rec)
-    for name, path in todo:
-        print(f"== {name}", flush=True)
-        rec = run_one(name, base, tokenizer, ids, args)
-        rec["what"] = RUNS[name][0]
-        write_record(path, rec)
-        print("   " + "  ".join(f"{t} {rec['perplexity'][t]:.2f}" for t in TEXTS) + f"  {rec['cpu_minutes']:.1f} CPU-min", flush=True)
+    run_pending(
+        args.out,
+        args.only,
+        RUNS,
+        lambda: {"perplexity": perplexities(base, ids), "text_tokens": {n: len(t) for n, t in ids.items()}},
+        lambda name: run_one(name, base, tokenizer, ids, args),
+        lambda rec: "  ".join(f"{t} {rec['perplexity'][t]:.2f}" for t in TEXTS) + f"  {rec['cpu_minutes']:.1f} CPU-min",
+    )
     report(args.out)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from records import pending, read_records, record_path, write_record
+from records import read_records, run_pending
 
 from linconv.config import LinearizeConfig
 
@@ -154,19 +154,14 @@ def main() -> None:
 
     base, tokenizer = load_source(None, ADAPTERS)
     ids = tokenize(tokenizer, load_text(None, "heldout"))
-    todo = pending(args.out, args.only, RUNS)
-    orig = record_path(args.out, "original")
-    if not orig.exists():
-        write_record(orig, {"name": "original", "finetuned_ppl": heldout_ppl(base, ids, args.eval_windows)})
-    for name, path in todo:
-        print(f"== {name}", flush=True)
-        rec = run_one(name, RUNS[name][1], base, tokenizer, ids, args)
-        rec["what"] = RUNS[name][0]
-        write_record(path, rec)
-        print(
-            f"   {rec['converted_ppl']:.1f} -> {rec['finetuned_ppl']:.1f}  leaks={rec['leaks']}  {rec['cpu_minutes']:.1f} CPU-min",
-            flush=True,
-        )
+    run_pending(
+        args.out,
+        args.only,
+        RUNS,
+        lambda: {"finetuned_ppl": heldout_ppl(base, ids, args.eval_windows)},
+        lambda name: run_one(name, RUNS[name][1], base, tokenizer, ids, args),
+        lambda rec: f"{rec['converted_ppl']:.1f} -> {rec['finetuned_ppl']:.1f}  leaks={rec['leaks']}  {rec['cpu_minutes']:.1f} CPU-min",
+    )
     report(args.out)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -31,3 +31,20 @@ def pending(out: Path, only: str | None, runs: Iterable[str]) -> list[tuple[str,
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; choose from {', '.join(runs)}")
     return [(name, record_path(out, name)) for name in names if not record_path(out, name).exists()]
+
+
+def run_pending(
+    out: Path, only: str | None, runs: dict, original: Callable[[], dict], run_one: Callable[[str], dict], line: Callable[[dict], str]
+) -> None:
+    """Run each pending run (``runs``: name -> (what, …)) and record it, the original model's record
+    first when it is missing; ``line(record)`` is the progress line printed after each run."""
+    todo = pending(out, only, runs)
+    orig = record_path(out, "original")
+    if not orig.exists():
+        write_record(orig, {"name": "original", **original()})
+    for name, path in todo:
+        print(f"== {name}", flush=True)
+        rec = run_one(name)
+        rec["what"] = runs[name][0]
+        write_record(path, rec)
+        print("   " + line(rec), flush=True)
