@@ -36,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from records import read_records, run_pending
+from records import read_records, run_pending, start
 
 LICENCES = ("GPL-3", "LGPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0")
 TEXTS = ("plays", "britannica", "third")
@@ -137,15 +137,9 @@ def run_one(name: str, base, tokenizer, ids, args) -> dict:
 
 def main() -> None:
     args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    if args.report:
-        return report(args.out)
+    base, tokenizer = start(args, report)
     from linconv.data import load_text, tokenize
-    from linconv.models import ADAPTERS
-    from linconv.sources import load_source
 
-    base, tokenizer = load_source(None, ADAPTERS)
     texts = {"plays": load_text(None, "heldout"), "britannica": load_text(None, "britannica"), "third": third_text(args.third_text)}
     ids = {name: tokenize(tokenizer, text) for name, text in texts.items()}
     run_pending(

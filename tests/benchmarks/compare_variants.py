@@ -34,8 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
-from records import read_records, run_pending
+from records import read_records, run_pending, start
 
 from linconv.config import LinearizeConfig
 
@@ -144,15 +143,9 @@ def run_one(name: str, opts: dict, base, tokenizer, ids, args) -> dict:
 
 def main() -> None:
     args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    if args.report:
-        return report(args.out)
+    base, tokenizer = start(args, report)
     from linconv.data import load_text, tokenize
-    from linconv.models import ADAPTERS
-    from linconv.sources import load_source
 
-    base, tokenizer = load_source(None, ADAPTERS)
     ids = tokenize(tokenizer, load_text(None, "heldout"))
     run_pending(
         args.out,

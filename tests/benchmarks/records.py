@@ -48,3 +48,19 @@ def run_pending(
         rec["what"] = runs[name][0]
         write_record(path, rec)
         print("   " + line(rec), flush=True)
+
+
+def start(args, report: Callable[[Path], None]):
+    """Prepare ``args.out`` and the threads; then print the report and exit under ``--report``, or
+    return the default model and its tokenizer (fp32, CPU) to run with."""
+    import torch
+
+    from linconv.models import ADAPTERS
+    from linconv.sources import load_source
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    if args.report:
+        report(args.out)
+        raise SystemExit(0)
+    return load_source(None, ADAPTERS)
