@@ -56,6 +56,7 @@ RUNS: dict[str, tuple[str, dict, dict]] = {
     "mix/selfgen": ("½ CE + ½ KL, plays + own text", NO_SINKS, {"loss": "mix", "text_mix": "selfgen"}),
     **{f"ce/plays/sinks{n}": (f"next-token loss, plays; {n} attention sinks", {"sinks": n}, {"loss": "ce"}) for n in (4, 16, 64, 128, 256)},
     "mix/plays/sinks256": ("½ CE + ½ KL, plays; 256 attention sinks", {"sinks": 256}, {"loss": "mix"}),
+    "mix/plays/sinks48": ("½ CE + ½ KL, plays; 48 sinks (a 23.7 MB state)", {"sinks": 48}, {"loss": "mix"}),
     "mix/plays/g128": ("½ CE + ½ KL, plays; groups of 128, all 128 as sinks", {"group_size": 128, "sinks": 128}, {"loss": "mix"}),
 }
 
