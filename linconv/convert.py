@@ -86,6 +86,7 @@ def summarize(model: nn.Module) -> ConversionSummary:
     blocks = get_adapter(model.config.model_type).blocks(model)
     converted = [i for i, b in enumerate(blocks) if any(isinstance(m, LinconvAttention) for m in b.children())]
     params = dict(model.named_parameters())
+    specs = [s for s in cfg.specs(len(blocks)) if s is not None]
     return ConversionSummary(
         architecture=model.config.model_type.removeprefix("linconv-"),
         variant=cfg.attention,
@@ -93,7 +94,7 @@ def summarize(model: nn.Module) -> ConversionSummary:
         converted=converted,
         kept=[i for i in range(len(blocks)) if i not in converted],
         params_added=sum(params[n].numel() for n in linconv_tensor_names(model) if n in params),
-        conv_kernel=max((s.conv_taps for s in cfg.specs(len(blocks)) if s is not None), default=0),
+        conv_kernel=max((s.conv_taps for s in specs), default=0),
         group_size=cfg.group_size,
-        sinks=max((s.sinks for s in cfg.specs(len(blocks)) if s is not None), default=0),
+        sinks=max((s.sinks for s in specs), default=0),
     )

@@ -88,7 +88,7 @@ def main() -> None:
     linear = linconv.convert(original) if args.checkpoint is None else linconv.load(args.checkpoint, dtype=torch.float32)[0]
     text = tokenize(tokenizer, load_text(None, "heldout"))
     if len(text) < args.segments * args.tokens:
-        p.error(f"the held-out text has {len(text):,} tokens, fewer than --segments × --tokens")
+        raise SystemExit(f"the held-out text has {len(text):,} tokens, fewer than --segments × --tokens")
     segments = [text[i * args.tokens : (i + 1) * args.tokens][None] for i in range(args.segments)]
     results = {}
     for name, model in (("original", original), ("linearized", linear)):
@@ -119,15 +119,15 @@ def main() -> None:
     table = Table(title=f"bf16 vs fp32 greedy agreement ({title})")
     for col in ("model", "prefill", "first chunk", "last chunk", "decode"):
         table.add_column(col, justify="right")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     for name, r in results.items():
         chunks = r["prefill_agreement_by_chunk"]
-        table.add_row(name, *(f"{100 * x:.1f}%" for x in (r["prefill_agreement"], chunks[0], chunks[-1], r["decode_agreement"])))
+        table.add_row(name, *(pct(x) for x in (r["prefill_agreement"], chunks[0], chunks[-1], r["decode_agreement"])))
     Console().print(table)
     lin, orig = results["linearized"], results["original"]
     bins = Table(title="prefill agreement by the fp32 model's top-2 logit gap (share of positions, agreement)")
     for col in ("gap", "original share", "original agreement", "linearized share", "linearized agreement"):
         bins.add_column(col, justify="right")
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     for o, li in zip(orig["margin_bins"], lin["margin_bins"]):
         bins.add_row(f"{o['from']:g}–{o['to']:g}", *(pct(x) for x in (o["share"], o["agreement"], li["share"], li["agreement"])))
     Console().print(bins)

@@ -53,6 +53,7 @@ from rich.table import Table
 from transformers.generation.streamers import BaseStreamer
 
 import linconv
+from linconv.errors import LinconvError
 from linconv.generate import generate
 from linconv.models import ADAPTERS
 from linconv.sources import load_source
@@ -221,6 +222,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     contexts = sorted(int(c) for c in args.contexts.split(",") if c)
+    try:  # checked before the model loads: a bad count is one line, not a traceback minutes later
+        extra = {int(s): linconv.LinearizeConfig(sinks=int(s)).validate() for s in args.sinks.split(",") if s}
+    except (ValueError, LinconvError) as e:
+        raise SystemExit(f"--sinks {args.sinks!r}: {e}") from None
 
     bandwidth = copy_bandwidth(device)
     err.print(f"[dim]copy bandwidth {bandwidth / 1e9:.1f} GB/s; loading the default model…[/]")
@@ -228,8 +233,8 @@ def main() -> None:
     linear = linconv.convert(original)  # fresh conversion, default variant
     weights = weight_bytes(original)
     models = {"linearized": linear}
-    for s in (int(s) for s in args.sinks.split(",") if s):
-        models[f"linearized, sinks {s}"] = linconv.convert(original, linconv.LinearizeConfig(sinks=s))
+    for s, config in extra.items():
+        models[f"linearized, sinks {s}"] = linconv.convert(original, config)
     if not args.no_original:
         models["original"] = original
     linears = [label for label in models if label != "original"]

@@ -2,9 +2,9 @@
 pytest ignores this folder). Issue 15's comparison; picks the default loss and text mix.
 
 Every run converts the default model (SmolLM2-135M-Instruct) with the default recipe and the run's
-attention sinks, fine-tunes it with the *same* budget (``--transfer-steps`` + ``--lora-steps`` windows of
-``--seq-len`` tokens) and the run's loss and training text, then measures perplexity (16K tokens,
-windows of 1,024) on:
+conversion options (attention sinks, group size), fine-tunes it with the *same* budget
+(``--transfer-steps`` + ``--lora-steps`` windows of ``--seq-len`` tokens) and the run's loss and
+training text, then measures perplexity (16K tokens, windows of 1,024) on:
 
 - ``plays``: the held-out plays (the training domain of the built-in text);
 - ``britannica``: the built-in Britannica article (never trained on);
